@@ -1,0 +1,115 @@
+"""Which keys a block of queries may see, decided from global positions on the host.
+
+A block pairs a run of query positions with a run of key positions. Its mask is the AND of
+- causal: key j <= query i;
+- sliding window w: i - w < j (causal) or |i - j| < w (non-causal);
+- packed documents: doc(i) == doc(j), documents given per batch row as offsets (cu_seqlens).
+Most blocks are EMPTY, FULL or the aligned CAUSAL triangle, which fused kernels serve without a mask tensor;
+only the rest (MIXED) get a dense boolean mask, built for that block alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import Segment
+
+
+class BlockKind(enum.Enum):
+    EMPTY = "empty"
+    FULL = "full"
+    CAUSAL = "causal"  # square block on the diagonal: query i sees keys <= i
+    MIXED = "mixed"
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """The attention rule for one sequence (shared by every block). `docs`: per batch row, sorted document
+    start offsets ending with the sequence length (cu_seqlens); one row is broadcast to every batch row."""
+
+    causal: bool = True
+    window: int | None = None
+    docs: tuple[tuple[int, ...], ...] | None = None
+
+    def doc_span(self, row: tuple[int, ...], seg: Segment) -> tuple[int, int]:
+        """Indices of the first and last document touched by `seg`."""
+        return bisect.bisect_right(row, seg.start) - 1, bisect.bisect_right(row, seg.end - 1) - 1
+
+    def reach(self, q: Segment) -> tuple[int, int]:
+        """Positions [lo, hi) outside which no key is visible to any query of `q`."""
+        lo, hi = 0, None
+        if self.causal:
+            hi = q.end
+        if self.window is not None:
+            lo = max(lo, q.start - self.window + 1)
+            if not self.causal:
+                hi = q.end + self.window - 1
+        if self.docs is not None:
+            lo = max(lo, min(row[self.doc_span(row, q)[0]] for row in self.docs))
+            doc_end = max(row[self.doc_span(row, q)[1] + 1] for row in self.docs)
+            hi = doc_end if hi is None else min(hi, doc_end)
+        return lo, (hi if hi is not None else 1 << 62)
+
+    def classify(self, q: Segment, k: Segment) -> BlockKind:
+        lo, hi = q.start - (k.end - 1), (q.end - 1) - k.start  # smallest and largest i - j in the block
+        if self.causal and hi < 0:
+            return BlockKind.EMPTY
+        if self.window is not None and (lo >= self.window or (not self.causal and -hi >= self.window)):
+            return BlockKind.EMPTY
+        one_doc = True
+        if self.docs is not None:
+            spans = [(self.doc_span(row, q), self.doc_span(row, k)) for row in self.docs]
+            if all(qs[1] < ks[0] or ks[1] < qs[0] for qs, ks in spans):
+                return BlockKind.EMPTY
+            one_doc = all(qs[0] == qs[1] == ks[0] == ks[1] for qs, ks in spans)
+        in_window = self.window is None or (hi < self.window and (self.causal or -lo < self.window))
+        if one_doc and in_window and (not self.causal or lo >= 0):
+            return BlockKind.FULL
+        if one_doc and in_window and self.causal and q == k:
+            return BlockKind.CAUSAL
+        return BlockKind.MIXED
+
+    def dense(self, q: Segment, k: Segment, device: torch.device) -> torch.Tensor:
+        """Boolean mask [rows, q.length, k.length] (rows = 1 or batch); True = may attend."""
+        i = torch.arange(q.start, q.end, device=device)[:, None]
+        j = torch.arange(k.start, k.end, device=device)[None, :]
+        allowed = torch.ones(q.length, k.length, dtype=torch.bool, device=device)
+        if self.causal:
+            allowed &= j <= i
+        if self.window is not None:
+            allowed &= (i - j) < self.window
+            if not self.causal:
+                allowed &= (j - i) < self.window
+        if self.docs is None:
+            return allowed[None]
+        rows = []
+        for row in self.docs:
+            offsets = torch.tensor(row, device=device)
+            qd = torch.bucketize(i, offsets, right=True)
+            kd = torch.bucketize(j, offsets, right=True)
+            rows.append(allowed & (qd == kd))
+        return torch.stack(rows)
+
+
+def docs_from_cu_seqlens(cu_seqlens: torch.Tensor | list | tuple | None, seq_len: int):
+    """Validate offsets and return them as host tuples (one per batch row), or None."""
+    if cu_seqlens is None:
+        return None
+    rows = cu_seqlens if isinstance(cu_seqlens, list | tuple) else [cu_seqlens]
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 2:
+        rows = list(cu_seqlens)
+    out = []
+    for row in rows:
+        offsets = tuple(int(x) for x in (row.tolist() if isinstance(row, torch.Tensor) else row))
+        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != seq_len:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at the full sequence length {seq_len}; got {list(offsets)[:8]}"
+            )
+        if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+            raise ValueError(f"cu_seqlens must be strictly increasing; got {list(offsets)[:16]}")
+        out.append(offsets)
+    return tuple(out)

@@ -1,0 +1,85 @@
+"""`SeqParGroups`: the data-parallel x sequence-parallel process groups of this rank (torch.distributed only).
+
+Consecutive global ranks form one SP group (0..sp-1, sp..2sp-1, ...); inside an SP group, consecutive ranks form
+one Ulysses group and ranks with the same Ulysses index form a ring. Groups come from DeviceMesh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from .config import SeqParConfig
+
+
+@dataclass(frozen=True)
+class SeqParGroups:
+    sp_group: dist.ProcessGroup | None
+    sp_rank: int
+    sp_size: int
+    dp_group: dist.ProcessGroup | None
+    dp_rank: int
+    dp_size: int
+    mesh: DeviceMesh | None = None
+    splits: dict[int, tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]] = field(default_factory=dict)
+
+    def split_groups(self, ulysses_size: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """(ulysses group, ring group) of this rank for a ulysses_size x ring split; None for a size-1 side."""
+        if ulysses_size == 1:
+            return None, self.sp_group
+        if ulysses_size == self.sp_size:
+            return self.sp_group, None
+        if ulysses_size not in self.splits:
+            raise ValueError(
+                f"no process groups for ulysses_size={ulysses_size} (built: {sorted(self.splits)}); "
+                "create the groups with init_groups(config) using this split or mode='auto'"
+            )
+        return self.splits[ulysses_size]
+
+
+def _device_type() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def _splits_to_build(config: SeqParConfig) -> list[int]:
+    if config.mode == "usp":
+        return [config.split[0]]
+    if config.mode == "auto":
+        return [u for u in range(2, config.sp_size) if config.sp_size % u == 0]
+    return []
+
+
+def init_groups(config: SeqParConfig) -> SeqParGroups:
+    """Build this rank's groups for `config`. Collective: every rank of the world must call it."""
+    if not dist.is_available() or not dist.is_initialized():
+        if config.sp_size == 1:
+            return SeqParGroups(sp_group=None, sp_rank=0, sp_size=1, dp_group=None, dp_rank=0, dp_size=1)
+        raise ValueError(f"sp_size={config.sp_size} needs torch.distributed to be initialised first")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % config.sp_size != 0:
+        raise ValueError(
+            f"sp_size={config.sp_size} must divide world_size={world}; use an sp_size among "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
+    dp, sp = world // config.sp_size, config.sp_size
+    device = _device_type()
+    mesh = DeviceMesh(device, torch.arange(world).view(dp, sp), mesh_dim_names=("dp", "sp"))
+    splits = {}
+    for u in _splits_to_build(config):
+        split_mesh = DeviceMesh(
+            device, torch.arange(world).view(dp, sp // u, u), mesh_dim_names=("dp", "ring", "ulysses")
+        )
+        splits[u] = (split_mesh.get_group("ulysses"), split_mesh.get_group("ring"))
+    return SeqParGroups(
+        sp_group=mesh.get_group("sp"),
+        sp_rank=rank % sp,
+        sp_size=sp,
+        dp_group=mesh.get_group("dp"),
+        dp_rank=rank // sp,
+        dp_size=dp,
+        mesh=mesh,
+        splits=splits,
+    )
