@@ -28,8 +28,9 @@ class RingExchange:
     def start(self, tensors: list[torch.Tensor]) -> None:
         if self._requests is not None:
             raise RuntimeError("RingExchange.start called twice without wait")
+        tensors = [t.contiguous() for t in tensors]  # P2P needs dense buffers; a no-op in the ring's steady state
         self._received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next_rank, self.group) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev_rank, self.group) for r in self._received]
         self._requests = dist.batch_isend_irecv(ops)
 
