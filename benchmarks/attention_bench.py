@@ -22,8 +22,9 @@ import hf_seqpar
 
 MODES = ("ring", "allgather", "ulysses")
 _COUNTED = {  # name -> bytes this rank sends, from (args, group size)
-    "batch_isend_irecv": lambda a, n: sum(op.tensor.numel() * op.tensor.element_size() for op in a[0]
-                                          if op.op is dist.isend),
+    "batch_isend_irecv": lambda a, n: sum(
+        op.tensor.numel() * op.tensor.element_size() for op in a[0] if op.op is dist.isend
+    ),
     "all_to_all_single": lambda a, n: a[1].numel() * a[1].element_size() * (n - 1) // n,
     "all_gather_single": lambda a, n: a[1].numel() * a[1].element_size() * (n - 1),
     "all_gather_into_tensor": lambda a, n: a[1].numel() * a[1].element_size() * (n - 1),
@@ -75,8 +76,14 @@ def _worker(rank, world, store, opts, queue):
                 torch.cuda.synchronize()
             if it >= opts.warmup:
                 times.append(time.perf_counter() - start)
-        results.append({"mode": mode, "seconds_median": sorted(times)[len(times) // 2], "fwd_bytes_sent": fwd_bytes,
-                        "fwd_bwd_bytes_sent": sent[0]})
+        results.append(
+            {
+                "mode": mode,
+                "seconds_median": sorted(times)[len(times) // 2],
+                "fwd_bytes_sent": fwd_bytes,
+                "fwd_bwd_bytes_sent": sent[0],
+            }
+        )
     if rank == 0:
         queue.put(results)
     dist.destroy_process_group()
@@ -99,17 +106,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(opts.world, os.path.join(tmp, "store"), opts, queue), nprocs=opts.world)
     results = queue.get()
-    machine = torch.cuda.get_device_name(0) if opts.device == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    machine = (
+        torch.cuda.get_device_name(0)
+        if opts.device == "cuda"
+        else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    )
     report = {"machine": machine, "torch": torch.__version__, "settings": vars(opts), "results": results}
     out = os.path.join(os.path.dirname(__file__), "results", f"attention_{opts.device}.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"{machine}, world {opts.world}, seq {opts.seq}, heads {opts.heads}/{opts.kv_heads}, d {opts.head_dim}, "
-          f"{opts.dtype}, causal")
+    print(
+        f"{machine}, world {opts.world}, seq {opts.seq}, heads {opts.heads}/{opts.kv_heads}, d {opts.head_dim}, "
+        f"{opts.dtype}, causal"
+    )
     print(f"{'mode':<10} {'fwd+bwd s':>10} {'fwd MiB sent/rank':>18} {'fwd+bwd MiB sent/rank':>22}")
     for r in results:
-        print(f"{r['mode']:<10} {r['seconds_median']:>10.3f} {r['fwd_bytes_sent'] / 2**20:>18.2f} "
-              f"{r['fwd_bwd_bytes_sent'] / 2**20:>22.2f}")
+        print(
+            f"{r['mode']:<10} {r['seconds_median']:>10.3f} {r['fwd_bytes_sent'] / 2**20:>18.2f} "
+            f"{r['fwd_bwd_bytes_sent'] / 2**20:>22.2f}"
+        )
     print(f"wrote {out}")
 
 

@@ -110,7 +110,9 @@ class SeqParConfig:
                 f"mode={cfg.mode!r}; use mode='ring', 'allgather' or 'usp' with a ulysses_size dividing the heads"
             )
         if num_heads_q % num_heads_kv != 0:
-            raise ValueError(f"num_attention_heads={num_heads_q} must be a multiple of num_key_value_heads={num_heads_kv}")
+            raise ValueError(
+                f"num_attention_heads={num_heads_q} must be a multiple of num_key_value_heads={num_heads_kv}"
+            )
         return cfg
 
     def describe(self) -> str:

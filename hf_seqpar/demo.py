@@ -25,7 +25,9 @@ def _reference(q, k, v):
     doc = torch.bucketize(pos, torch.tensor(DOCS), right=True)
     mask = (pos[None, :] <= pos[:, None]) & (doc[None, :] == doc[:, None])
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(
+        1, 2
+    )
 
 
 def _worker(rank: int, store: str) -> None:
@@ -56,8 +58,10 @@ def _worker(rank: int, store: str) -> None:
 
 
 def main() -> None:
-    print(f"hf_seqpar {WORLD} gloo ranks: causal, GQA {HEADS}/{KV_HEADS} heads, {len(DOCS) - 1} packed documents, "
-          f"sequence {SEQ} (float64, against torch SDPA on the whole sequence)")
+    print(
+        f"hf_seqpar {WORLD} gloo ranks: causal, GQA {HEADS}/{KV_HEADS} heads, {len(DOCS) - 1} packed documents, "
+        f"sequence {SEQ} (float64, against torch SDPA on the whole sequence)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "store"),), nprocs=WORLD)
 

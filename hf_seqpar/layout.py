@@ -38,9 +38,10 @@ def required_multiple(world: int, layout: str) -> int:
 def check_length(seq_len: int, world: int, layout: str) -> None:
     multiple = required_multiple(world, layout)
     if seq_len % multiple != 0 or seq_len == 0:
+        padded = max(multiple, -(-seq_len // multiple) * multiple)
         raise ValueError(
             f"sequence length {seq_len} must be a positive multiple of {multiple} for layout={layout!r} over "
-            f"{world} ranks; pad it (SequenceShardingCollator does) to {max(multiple, -(-seq_len // multiple) * multiple)}"
+            f"{world} ranks; pad it (SequenceShardingCollator does) to {padded}"
         )
 
 

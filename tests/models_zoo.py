@@ -6,24 +6,63 @@ import torch
 import transformers
 
 VOCAB, SEQ_WINDOW = 96, 8
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attention_dropout=0.0,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    attention_dropout=0.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": SEQ_WINDOW}),
-    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": SEQ_WINDOW, "max_window_layers": 1,
-                              "layer_types": ["full_attention", "sliding_attention"]}),
+    "qwen2": (
+        "Qwen2Config",
+        {
+            "use_sliding_window": True,
+            "sliding_window": SEQ_WINDOW,
+            "max_window_layers": 1,
+            "layer_types": ["full_attention", "sliding_attention"],
+        },
+    ),
     "qwen3": ("Qwen3Config", {}),
-    "gemma2": ("Gemma2Config", {"sliding_window": SEQ_WINDOW, "attn_logit_softcapping": 2.0,
-                                "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 16}),
-    "gemma3": ("Gemma3TextConfig", {"sliding_window": SEQ_WINDOW, "query_pre_attn_scalar": 16,
-                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "sliding_window": SEQ_WINDOW,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 5.0,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "sliding_window": SEQ_WINDOW,
+            "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
     "phi3": ("Phi3Config", {"sliding_window": SEQ_WINDOW}),
     "olmo2": ("Olmo2Config", {}),
-    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": SEQ_WINDOW,
-                                 "layer_types": ["sliding_attention", "full_attention"]}),
+    "gpt_oss": (
+        "GptOssConfig",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": SEQ_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
 }
 
 

@@ -59,8 +59,12 @@ def _body_parity(cfg_kwargs, heads, feature, causal, dtype, seed=0):
     docs = opts.pop("cu_seqlens", None)
     rows = None if docs is None else ([docs] if isinstance(docs[0], int) else docs)
 
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if sinks is not None else [])
-    ref = attention(*leaves[:3], causal=causal, cu_seqlens_rows=rows, sinks=leaves[3] if sinks is not None else None, **opts)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + (
+        [sinks.clone().requires_grad_()] if sinks is not None else []
+    )
+    ref = attention(
+        *leaves[:3], causal=causal, cu_seqlens_rows=rows, sinks=leaves[3] if sinks is not None else None, **opts
+    )
     ref_grads = torch.autograd.grad(ref, leaves, dout)
 
     def shard(x):
@@ -68,7 +72,11 @@ def _body_parity(cfg_kwargs, heads, feature, causal, dtype, seed=0):
 
     local = [shard(t).requires_grad_() for t in (q, k, v)]
     local_sinks = sinks.clone().requires_grad_() if sinks is not None else None
-    cu = None if docs is None else (torch.tensor(docs, dtype=torch.int32) if rows == [docs] else [torch.tensor(r) for r in rows])
+    cu = (
+        None
+        if docs is None
+        else (torch.tensor(docs, dtype=torch.int32) if rows == [docs] else [torch.tensor(r) for r in rows])
+    )
     out = hf_seqpar.sequence_parallel_attention(
         *local, config=cfg, groups=groups, causal=causal, cu_seqlens=cu, sinks=local_sinks, **opts
     )
@@ -90,7 +98,9 @@ def _body_parity(cfg_kwargs, heads, feature, causal, dtype, seed=0):
 def _cases(world, modes):
     for mode, heads, feature, causal in itertools.product(modes, HEADS, FEATURES, (True, False)):
         kwargs = {"mode": mode} if mode != "usp" else {"mode": "usp", "ulysses_size": 2}
-        yield pytest.param(kwargs, heads, feature, causal, id=f"{mode}-{heads}-{feature}-{'causal' if causal else 'full'}")
+        yield pytest.param(
+            kwargs, heads, feature, causal, id=f"{mode}-{heads}-{feature}-{'causal' if causal else 'full'}"
+        )
 
 
 def _assert_close(errors_per_rank, tol):

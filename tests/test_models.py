@@ -74,8 +74,9 @@ def _body_model_parity(family, mode, kind, ulysses_size=None, lora=False):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                              init_lora_weights=False)
+        lora_cfg = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+        )
         torch.manual_seed(1)
         ref_model = get_peft_model(ref_model, lora_cfg)
         torch.manual_seed(1)

@@ -30,7 +30,9 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, group: dist.ProcessGroup, placement: Placement, args: AttnArgs):
         rank = dist.get_rank(group)
         order, k_all, v_all = _gather_kv(k, v, group, placement)
-        out, lse = attend_fwd(q, k_all, v_all, placement.ranks[rank], order.segments, args.spec, **args.kernel_kwargs())
+        out, lse = attend_fwd(
+            q, k_all, v_all, placement.ranks[rank], order.segments, args.spec, **args.kernel_kwargs()
+        )
         if sinks is not None:
             add_sinks(out, lse, sinks)
         result = out.to(q.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from .. import layout
 from ..config import SeqParConfig
 from ..kernels import MaskSpec, docs_from_cu_seqlens, resolve_backend
@@ -96,6 +97,13 @@ def sequence_parallel_attention(
         return RingAttention.apply(q, k, v, sinks, groups.sp_group, placement, args)
     ulysses_group, ring_group = groups.split_groups(cfg.split[0])
     return ulysses_attention(
-        q, k, v, sinks, ulysses_group=ulysses_group, ring_group=ring_group, placement=placement,
-        sp_rank=groups.sp_rank, args=args,
+        q,
+        k,
+        v,
+        sinks,
+        ulysses_group=ulysses_group,
+        ring_group=ring_group,
+        placement=placement,
+        sp_rank=groups.sp_rank,
+        args=args,
     )

@@ -82,7 +82,15 @@ class RingAttention(torch.autograd.Function):
                 kv_ring.start([k_cur, v_cur])
             source = (rank - step) % world
             dq_blk, dk_blk, dv_blk = attend_bwd(
-                dout, q, k_cur, v_cur, out, lse, placement.ranks[rank], placement.ranks[source], args.spec,
+                dout,
+                q,
+                k_cur,
+                v_cur,
+                out,
+                lse,
+                placement.ranks[rank],
+                placement.ranks[source],
+                args.spec,
                 **args.kernel_kwargs(),
             )
             dq = dq_blk if dq is None else dq.add_(dq_blk)

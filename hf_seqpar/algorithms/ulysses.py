@@ -31,8 +31,18 @@ def kv_heads_for_split(k: torch.Tensor, heads_q: int, ulysses: int) -> torch.Ten
     return k.repeat_interleave(group, dim=2)
 
 
-def ulysses_attention(q, k, v, sinks, *, ulysses_group: dist.ProcessGroup, ring_group: dist.ProcessGroup | None,
-                      placement: Placement, sp_rank: int, args: AttnArgs) -> torch.Tensor:
+def ulysses_attention(
+    q,
+    k,
+    v,
+    sinks,
+    *,
+    ulysses_group: dist.ProcessGroup,
+    ring_group: dist.ProcessGroup | None,
+    placement: Placement,
+    sp_rank: int,
+    args: AttnArgs,
+) -> torch.Tensor:
     """q [B, c, H, D], k/v [B, c, Hkv, D] placed by `placement` over the SP group -> out [B, c, H, D]."""
     u = dist.get_world_size(ulysses_group)
     heads_q = q.shape[2]

@@ -112,7 +112,9 @@ def _base_model(model: torch.nn.Module) -> PreTrainedModel:
             )
         return model.get_base_model()
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"apply_sequence_parallel needs a transformers PreTrainedModel or PeftModel; got {type(model)}")
+        raise TypeError(
+            f"apply_sequence_parallel needs a transformers PreTrainedModel or PeftModel; got {type(model)}"
+        )
     return model
 
 

@@ -25,8 +25,16 @@ def flash_forward(q, k, v, scale: float, causal: bool, softcap: float | None):
     fwd, _, split_window = _flash_api()
     window = {"window_size_left": -1, "window_size_right": -1} if split_window else {"window_size": (-1, -1)}
     outputs = fwd(
-        q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, softcap=softcap or 0.0,
-        alibi_slopes=None, return_softmax=False, **window,
+        q,
+        k,
+        v,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        softcap=softcap or 0.0,
+        alibi_slopes=None,
+        return_softmax=False,
+        **window,
     )
     return outputs[0], outputs[1] if split_window else outputs[5]
 
@@ -38,7 +46,22 @@ def flash_backward(dout, q, k, v, out, lse, scale: float, causal: bool, softcap:
     window = {"window_size_left": -1, "window_size_right": -1} if split_window else {"window_size": (-1, -1)}
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bwd(
-        dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-        softcap=softcap or 0.0, alibi_slopes=None, deterministic=False, rng_state=None, **window,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        softcap=softcap or 0.0,
+        alibi_slopes=None,
+        deterministic=False,
+        rng_state=None,
+        **window,
     )
     return dq, dk, dv

@@ -76,8 +76,18 @@ def _flash_ok(backend: str, kind: BlockKind, q: torch.Tensor) -> bool:
     return backend == "flash_attn" and kind is not BlockKind.MIXED and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attend_fwd(q, k, v, q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...], spec: MaskSpec, *,
-               scale: float, softcap: float | None, backend: str):
+def attend_fwd(
+    q,
+    k,
+    v,
+    q_segs: tuple[Segment, ...],
+    k_segs: tuple[Segment, ...],
+    spec: MaskSpec,
+    *,
+    scale: float,
+    softcap: float | None,
+    backend: str,
+):
     """q [B, Lq, H, D] against k, v [B, Lk, Hkv, D] -> (out, lse): out [B, Lq, H, D] and lse [B, H, Lq] in the
     accumulation dtype. Rows that see no key get (0, -inf)."""
     b, lq, h, d = q.shape
@@ -97,8 +107,9 @@ def attend_fwd(q, k, v, q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...]
     return out, lse
 
 
-def attend_bwd(dout, q, k, v, out, lse, q_segs, k_segs, spec: MaskSpec, *,
-               scale: float, softcap: float | None, backend: str):
+def attend_bwd(
+    dout, q, k, v, out, lse, q_segs, k_segs, spec: MaskSpec, *, scale: float, softcap: float | None, backend: str
+):
     """Gradients of attend_fwd given the FINAL out and lse of the rows (which may include other key blocks).
     Returns dq [B, Lq, H, D], dk, dv [B, Lk, Hkv, D] in the accumulation dtype."""
     dt = acc_dtype(q.dtype)
@@ -110,8 +121,9 @@ def attend_bwd(dout, q, k, v, out, lse, q_segs, k_segs, spec: MaskSpec, *,
         args = (dout[:, qi], q[:, qi], k[:, ki], v[:, ki], out[:, qi], lse[:, :, qi])
         if _flash_ok(backend, kind, q):
             o = args[4].to(q.dtype)
-            grads = _compat.flash_backward(*args[:4], o, args[5].float().contiguous(), scale,
-                                           kind is BlockKind.CAUSAL, softcap)
+            grads = _compat.flash_backward(
+                *args[:4], o, args[5].float().contiguous(), scale, kind is BlockKind.CAUSAL, softcap
+            )
         elif backend != "math" and torch_backend.fused_supported(q, softcap):
             grads = torch_backend.fused_bwd(*args, kind, mask, scale)
         else:

@@ -144,7 +144,18 @@ def fused_bwd(dout, q, k, v, out, lse, kind, mask, scale):
         bias = None if mask is None else _float_mask(mask, dt).expand(q.shape[0], h, -1, -1)
         empty = torch.empty(0, device=q.device, dtype=torch.int64)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            _bhld(dout), qh, kh, vh, bias, _bhld(out), lse_in, empty, empty, 0.0, [True, True, True, False],
-            causal, scale=scale,
+            _bhld(dout),
+            qh,
+            kh,
+            vh,
+            bias,
+            _bhld(out),
+            lse_in,
+            empty,
+            empty,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
         )
     return _bhld(dq), _fold_kv(_bhld(dk), hkv), _fold_kv(_bhld(dv), hkv)
