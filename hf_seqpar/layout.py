@@ -134,11 +134,11 @@ class GroupGather:
 
 
 def shard(x: torch.Tensor, placement: Placement, rank: int, dim: int) -> torch.Tensor:
-    """Full sequence -> `rank`'s shard (a copy when the shard has several runs)."""
+    """Full sequence -> `rank`'s shard, contiguous (HF code calls .view on batch tensors)."""
     if x.shape[dim] != placement.seq_len:
         raise ValueError(f"tensor has length {x.shape[dim]} along dim {dim}; the placement is for {placement.seq_len}")
     runs = [x.narrow(dim, s.start, s.length) for s in placement.ranks[rank]]
-    return runs[0] if len(runs) == 1 else torch.cat(runs, dim=dim)
+    return runs[0].contiguous() if len(runs) == 1 else torch.cat(runs, dim=dim)
 
 
 def unshard(shards: list[torch.Tensor] | tuple[torch.Tensor, ...], placement: Placement, dim: int) -> torch.Tensor:

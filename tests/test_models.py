@@ -113,24 +113,39 @@ def _check(results):
         assert not bad, f"rank {rank}: gradient errors {bad}"
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+# What the parity tests below cover; README's support table is generated from it (tests/test_readme.py).
+COVERAGE = {
+    "packed documents, 2 ranks": {"families": list(FAMILIES), "modes": ["ring", "allgather", "ulysses"]},
+    "packed documents, 4 ranks (usp 2x2)": {"families": list(FAMILIES), "modes": ["usp"]},
+    "padded batch of 2, 2 ranks": {
+        "families": ["llama", "gemma2", "gpt_oss"],
+        "modes": ["ring", "allgather", "ulysses"],
+    },
+    "LoRA (PEFT), packed, 2 ranks": {"families": ["llama", "qwen3", "gemma3"], "modes": ["ring", "ulysses"]},
+}
+
+
+def _params(case):
+    spec = COVERAGE[case]
+    return [(f, m) for f in spec["families"] for m in spec["modes"]]
+
+
+@pytest.mark.parametrize("family,mode", _params("packed documents, 2 ranks"))
 def test_family_parity_packed(ranks, family, mode):
     _check(ranks.run(_body_model_parity, family, mode, "packed"))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
-@pytest.mark.parametrize("mode", ["allgather", "ring"])
+@pytest.mark.parametrize("ranks", [4], indirect=True)
+@pytest.mark.parametrize("family,mode", _params("packed documents, 4 ranks (usp 2x2)"))
+def test_usp_parity(ranks, family, mode):
+    _check(ranks.run(_body_model_parity, family, mode, "packed", 2))
+
+
+@pytest.mark.parametrize("family,mode", _params("padded batch of 2, 2 ranks"))
 def test_family_parity_padded_batch(ranks, family, mode):
     _check(ranks.run(_body_model_parity, family, mode, "padded"))
 
 
-@pytest.mark.parametrize("ranks", [4], indirect=True)
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
-def test_usp_parity(ranks, family):
-    _check(ranks.run(_body_model_parity, family, "usp", "packed", 2))
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-def test_lora_parity(ranks, family):
-    _check(ranks.run(_body_model_parity, family, "ring", "packed", None, True))
+@pytest.mark.parametrize("family,mode", _params("LoRA (PEFT), packed, 2 ranks"))
+def test_lora_parity(ranks, family, mode):
+    _check(ranks.run(_body_model_parity, family, mode, "packed", None, True))
