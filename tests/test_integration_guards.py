@@ -133,3 +133,47 @@ def test_shard_without_valid_labels(ranks, mode):
         if n_local == 0:
             assert loss == 0.0
         assert err_sum < 1e-5 and err_mean < 1e-5  # float32 loss of order 4
+
+
+def _body_collectives_per_forward(mode):
+    """A model forward under SP runs only its attention collectives: no per-layer all-gather of position_ids or of
+    anything else (the document boundaries come with the batch)."""
+    cfg = hf_seqpar.SeqParConfig(sp_size=2, mode=mode)
+    groups = hf_seqpar.init_groups(cfg)
+    model = hf_seqpar.apply_sequence_parallel(tiny_model("mistral"), config=cfg, groups=groups)
+    ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
+    batch = hf_seqpar.SequenceShardingCollator(lambda f: {"input_ids": ids}, config=cfg, groups=groups)([])
+    calls: dict[str, int] = {}
+    names = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_gather_object", "all_reduce",
+             "broadcast", "all_to_all_single", "batch_isend_irecv", "reduce_scatter_single")
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def counting(name):
+        def wrapped(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+
+        return wrapped
+
+    try:
+        for name in originals:
+            setattr(dist, name, counting(name))
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("ring", {"batch_isend_irecv": 2}),  # 2 layers x (P-1) hops
+        ("ulysses", {"all_to_all_single": 8}),  # 2 layers x (q, k, v, out)
+        ("allgather", {"all_gather_single": 4}),  # 2 layers x (k, v)
+    ],
+)
+def test_only_attention_collectives_per_forward(ranks, mode, expected):
+    for calls in ranks.run(_body_collectives_per_forward, mode):
+        assert calls == expected

@@ -7,6 +7,7 @@ The attention function honours every argument the model passes or refuses it; it
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from ..algorithms import sequence_parallel_attention
 from ..config import SeqParConfig
 from ..mesh import SeqParGroups
 
+logger = logging.getLogger("hf_seqpar")
 STATE_ATTR = "_hf_seqpar"
 DOCS_KEY = "seqpar_cu_seqlens"
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -122,7 +124,7 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> list[torch.nn.Module]:
+def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> tuple[list[torch.nn.Module], SeqParConfig]:
     name = type(model).__name__
     text_config = _text_config(model.config)
     other_layers = sorted(set(getattr(text_config, "layer_types", None) or ()) - SUPPORTED_LAYER_TYPES)
@@ -140,15 +142,15 @@ def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> list[torch
     if not modules:
         raise NotImplementedError(f"{name}: found no attention module with an `is_causal` attribute to switch")
     heads = getattr(text_config, "num_attention_heads", None)
-    if heads is not None:
-        config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)  # head errors, now
-    return modules
+    if heads is None:
+        return modules, config
+    return modules, config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
 
 
 def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, groups: SeqParGroups):
     """Switch `model` (in place; a PeftModel too) to sequence-parallel attention and return it."""
     base = _base_model(model)
-    modules = _check_supported(base, config)
+    modules, resolved = _check_supported(base, config)  # head constraints fail here, before any step
     impl = f"hf_seqpar_{config.mode}"
     AttentionInterface.register(impl, seqpar_attention_forward)
     state = SeqParState(config=config, groups=groups)
@@ -157,4 +159,6 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     base.set_attn_implementation(impl)
     if _text_config(base.config)._attn_implementation != impl:
         raise NotImplementedError(f"{type(base).__name__} refused attn_implementation={impl!r}")
+    picked = f" (mode='auto' picked {resolved.describe()})" if config.mode == "auto" else ""
+    logger.info("hf_seqpar: %s attention switched to %s%s", type(base).__name__, impl, picked)
     return model
