@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..kernels import add_sinks, attend_bwd, attend_fwd, sink_grad
+from ..kernels import attend_bwd, attend_fwd, sink_grad
 from ..layout import Placement
 from .comm import all_gather_seq, reduce_scatter_seq
-from .ring import AttnArgs
+from .ring import AttnArgs, finish_forward
 
 
 def _gather_kv(k, v, group, placement: Placement):
@@ -33,12 +33,7 @@ class AllGatherAttention(torch.autograd.Function):
         out, lse = attend_fwd(
             q, k_all, v_all, placement.ranks[rank], order.segments, args.spec, **args.kernel_kwargs()
         )
-        if sinks is not None:
-            add_sinks(out, lse, sinks)
-        result = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, result, lse, sinks)
-        ctx.group, ctx.placement, ctx.args = group, placement, args
-        return result
+        return finish_forward(ctx, q, k, v, out, lse, sinks, group, placement, args)
 
     @staticmethod
     def backward(ctx, dout):

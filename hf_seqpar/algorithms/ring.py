@@ -32,6 +32,16 @@ class AttnArgs:
         return {"scale": self.scale, "softcap": self.softcap, "backend": self.backend}
 
 
+def finish_forward(ctx, q, k, v, out, lse, sinks, group, placement: Placement, args: AttnArgs) -> torch.Tensor:
+    """Shared tail of the attention Functions: merge the sinks, cast, keep what backward recomputes from."""
+    if sinks is not None:
+        add_sinks(out, lse, sinks)
+    result = out.to(q.dtype)
+    ctx.save_for_backward(q, k, v, result, lse, sinks)
+    ctx.group, ctx.placement, ctx.args = group, placement, args
+    return result
+
+
 def _rank_and_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
 
@@ -61,12 +71,7 @@ class RingAttention(torch.autograd.Function):
                 merge_into(out, lse, blk_out, blk_lse)
             if step < world - 1:
                 k_cur, v_cur = ring.wait()
-        if sinks is not None:
-            add_sinks(out, lse, sinks)
-        result = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, result, lse, sinks)
-        ctx.group, ctx.placement, ctx.args = group, placement, args
-        return result
+        return finish_forward(ctx, q, k, v, out, lse, sinks, group, placement, args)
 
     @staticmethod
     def backward(ctx, dout):
