@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check hf_seqpar tests benchmarks recipes
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=10
 
 demo: $(STAMP)
@@ -26,8 +26,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check hf_seqpar tests benchmarks recipes
-	$(PY) -m ruff format --check hf_seqpar tests benchmarks recipes
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV)
