@@ -82,8 +82,13 @@ def _bhld(x):
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))[:, None]
+    """Additive mask [rows, 1, Lq, Lk]. On CUDA the memory-efficient kernel wants the key stride aligned to 16
+    elements, so the storage is padded and a view returned (as torch's own SDPA does)."""
+    rows, lq, lk = mask.shape
+    padded = lk if mask.device.type == "cpu" else -(-lk // 16) * 16
+    bias = torch.full((rows, 1, lq, padded), float("-inf"), dtype=dtype, device=mask.device)
+    bias[..., :lk].masked_fill_(mask[:, None], 0.0)
+    return bias[..., :lk]
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
