@@ -89,6 +89,14 @@ def _worker(rank, world, store, opts, queue):
     dist.destroy_process_group()
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
@@ -106,11 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(opts.world, os.path.join(tmp, "store"), opts, queue), nprocs=opts.world)
     results = queue.get()
-    machine = (
-        torch.cuda.get_device_name(0)
-        if opts.device == "cuda"
-        else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
-    )
+    machine = torch.cuda.get_device_name(0) if opts.device == "cuda" else f"{_cpu_name()} x{os.cpu_count()} cores"
     report = {"machine": machine, "torch": torch.__version__, "settings": vars(opts), "results": results}
     out = os.path.join(os.path.dirname(__file__), "results", f"attention_{opts.device}.json")
     with open(out, "w") as f:

@@ -144,8 +144,17 @@ def _body_collectives_per_forward(mode):
     ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
     batch = hf_seqpar.SequenceShardingCollator(lambda f: {"input_ids": ids}, config=cfg, groups=groups)([])
     calls: dict[str, int] = {}
-    names = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_gather_object", "all_reduce",
-             "broadcast", "all_to_all_single", "batch_isend_irecv", "reduce_scatter_single")
+    names = (
+        "all_gather",
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "all_reduce",
+        "broadcast",
+        "all_to_all_single",
+        "batch_isend_irecv",
+        "reduce_scatter_single",
+    )
     originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
     def counting(name):

@@ -1,0 +1,72 @@
+"""`SequenceParallelPlugin`: sequence parallelism for a training loop that builds its own `accelerate.Accelerator`.
+
+    plugin = SequenceParallelPlugin(SeqParConfig(sp_size=2, mode="ring"))   # or SequenceParallelPlugin(): HF_SEQPAR_*
+    accelerator = Accelerator()
+    model, optimizer, loader = plugin.prepare(accelerator, model, optimizer, loader)
+    for batch in loader:
+        loss = plugin.loss(model, batch)   # this rank's share; exact once DDP / FSDP / ZeRO average over the world
+        accelerator.backward(loss)
+
+`prepare` does for the loop what `python -m hf_seqpar` does for a Trainer: groups, attention, collator, loaders
+sharded by data-parallel rank. The loss is the DESIGN.md rule `local_sum / N * world_size`, N counted over the world.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..config import SeqParConfig
+from ..mesh import SeqParGroups, init_groups
+from .activate import install_data_loader_hook, world_size
+from .collator import IGNORE_INDEX, SequenceShardingCollator
+from .transformers import apply_sequence_parallel
+
+
+class SequenceParallelPlugin:
+    """Switches a model and its data loaders to sequence parallelism for `accelerator.prepare`.
+
+    `config=None` reads `HF_SEQPAR_*` (so `hf-seqpar launch` configures it too). With sp_size=1 `prepare` is plain
+    `accelerator.prepare` and `loss` the model's mean loss, so one script serves both."""
+
+    def __init__(self, config: SeqParConfig | None = None) -> None:
+        self.config = SeqParConfig.from_env() if config is None else config
+        self.groups: SeqParGroups | None = None
+
+    def prepare(self, accelerator, *objects):
+        """Switch the models and data loaders among `objects`, then return `accelerator.prepare(*objects)`.
+
+        Collective: every rank calls it after the Accelerator exists (its process group is then initialised)."""
+        if self.config.sp_size > 1:
+            world = world_size()
+            if world % self.config.sp_size:
+                raise ValueError(f"sp_size={self.config.sp_size} must divide world_size={world}")
+            if self.groups is None:
+                self.groups = init_groups(self.config)
+            install_data_loader_hook()
+            for obj in objects:
+                if isinstance(obj, torch.utils.data.DataLoader):
+                    if not isinstance(obj.collate_fn, SequenceShardingCollator):
+                        # DataLoader allows setting collate_fn after construction; the hook sees it at prepare.
+                        obj.collate_fn = SequenceShardingCollator(
+                            obj.collate_fn, config=self.config, groups=self.groups
+                        )
+                elif isinstance(obj, torch.nn.Module):
+                    apply_sequence_parallel(obj, config=self.config, groups=self.groups)
+        return accelerator.prepare(*objects)
+
+    def num_items_in_batch(self, *batches) -> torch.Tensor:
+        """Valid targets in `batches` (one optimizer step's micro-batches), summed over every rank of the world."""
+        # A causal LM predicts labels[..., 1:]; the sharded batch carries them pre-shifted as shift_labels.
+        targets = [batch["shift_labels"] if "shift_labels" in batch else batch["labels"][..., 1:] for batch in batches]
+        count = sum((labels != IGNORE_INDEX).sum() for labels in targets)
+        if world_size() > 1:
+            dist.all_reduce(count)
+        return count
+
+    def loss(self, model, batch, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's loss `local_sum / N * world_size` (N: `num_items_in_batch(...)` of the step by default);
+        DDP / FSDP / ZeRO then average gradients over the world into the gradient of the global mean loss."""
+        if num_items_in_batch is None:
+            num_items_in_batch = self.num_items_in_batch(batch)
+        return model(**batch, num_items_in_batch=num_items_in_batch).loss * world_size()
