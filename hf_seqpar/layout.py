@@ -11,6 +11,7 @@ two contiguous runs, which is exactly the zigzag placement over P/u ring ranks: 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -53,6 +54,7 @@ class Placement:
     ranks: tuple[tuple[Segment, ...], ...]
 
     @classmethod
+    @functools.cache  # called once per attention call (every layer): the tuples are the same every time
     def build(cls, seq_len: int, world: int, layout: str) -> Placement:
         check_length(seq_len, world, layout)
         if layout == "contiguous":

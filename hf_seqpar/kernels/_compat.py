@@ -20,10 +20,15 @@ def _flash_api():
     return fwd, bwd, split_window
 
 
+def _no_window(split_window: bool) -> dict:
+    """flash-attn's "no sliding window" argument; windows are cut into blocks before the kernel is called."""
+    return {"window_size_left": -1, "window_size_right": -1} if split_window else {"window_size": (-1, -1)}
+
+
 def flash_forward(q, k, v, scale: float, causal: bool, softcap: float | None):
     """flash-attn block forward on [B, L, H, D] tensors -> (out, lse [B, H, L] float32)."""
     fwd, _, split_window = _flash_api()
-    window = {"window_size_left": -1, "window_size_right": -1} if split_window else {"window_size": (-1, -1)}
+    window = _no_window(split_window)
     outputs = fwd(
         q,
         k,
@@ -43,7 +48,7 @@ def flash_backward(dout, q, k, v, out, lse, scale: float, causal: bool, softcap:
     import torch
 
     _, bwd, split_window = _flash_api()
-    window = {"window_size_left": -1, "window_size_right": -1} if split_window else {"window_size": (-1, -1)}
+    window = _no_window(split_window)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bwd(
         dout.contiguous(),
