@@ -61,9 +61,9 @@ def _destroy_process_groups() -> None:
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
-    activate = sys.modules.get("hf_seqpar.integrations.activate")
-    if activate is not None:
-        activate.release_process_groups()
+    trainer = sys.modules.get("hf_seqpar.integrations.trainer")
+    if trainer is not None:
+        trainer.release_process_groups()
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

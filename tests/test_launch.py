@@ -233,8 +233,8 @@ def test_unknown_key_in_the_section_is_named(assets):
 
 
 def test_sp_size_must_divide_the_world(tmp_path):
-    from hf_seqpar.integrations.activate import _groups
     from hf_seqpar.integrations.launch import launch
+    from hf_seqpar.integrations.trainer import _groups
 
     config = _config_file(tmp_path, 2, sp_size=3)
     with pytest.raises(ValueError, match=r"sp_size=3 must divide world_size=2"):
@@ -279,7 +279,8 @@ def test_hooks_install_once_and_check_upstream(fresh_hooks):
     import accelerate.data_loader
     from transformers import Trainer
 
-    from hf_seqpar.integrations.activate import ORIGINAL_ATTR, activate, check_params
+    from hf_seqpar.integrations.activate import activate
+    from hf_seqpar.integrations.hooks import ORIGINAL_ATTR, check_params
 
     config = SeqParConfig(sp_size=2, mode="ring")
     original_init = Trainer.__init__
@@ -308,8 +309,8 @@ class _Rows(torch.utils.data.IterableDataset):
 def test_data_loaders_are_sharded_by_dp_rank_only(fresh_hooks, iterable):
     import accelerate.accelerator
 
-    from hf_seqpar.integrations.activate import install_data_loader_hook
     from hf_seqpar.integrations.collator import SequenceShardingCollator
+    from hf_seqpar.integrations.loaders import install_data_loader_hook
 
     def loader(seen: list, sharding: bool):
         def base(features):

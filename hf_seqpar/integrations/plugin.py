@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from ..config import SeqParConfig
 from ..mesh import SeqParGroups, init_groups
-from .activate import install_data_loader_hook, world_size
 from .collator import IGNORE_INDEX, SequenceShardingCollator
+from .hooks import world_size
+from .loaders import install_data_loader_hook
 from .transformers import apply_sequence_parallel
 
 
