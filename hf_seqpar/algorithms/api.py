@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import layout
 from ..config import SeqParConfig
@@ -35,10 +36,10 @@ def gather_sequence(local: torch.Tensor, *, config: SeqParConfig, groups: SeqPar
 
 
 def _check_inputs(q, k, v, sinks, window, softcap) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+    if q.dim() != 4 or k.dim() != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"expected q [batch, seq_local, heads_q, head_dim] and k, v [batch, seq_local, heads_kv, head_dim]; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"expected q [batch, seq_local, heads_q, head_dim] and k, v [batch, seq_local, heads_kv, head_dim] "
+            f"(v may have its own head_dim); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, seq_local or head_dim")
@@ -50,6 +51,21 @@ def _check_inputs(q, k, v, sinks, window, softcap) -> None:
         raise ValueError(f"softcap={softcap!r} must be positive or None")
     if sinks is not None and tuple(sinks.shape) != (q.shape[2],):
         raise ValueError(f"sinks must have shape (heads_q,) = ({q.shape[2]},); got {tuple(sinks.shape)}")
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The dtype torch's SDPA computes in for these inputs: under autocast the autocast dtype (float64 is never
+    cast), otherwise the inputs' own dtype, which must then be common (SDPA refuses a mix too)."""
+    device = q.device.type
+    low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    dtypes = {x.dtype if low is None or x.dtype == torch.float64 else low for x in (q, k, v)}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"hf_seqpar: q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+            + ("" if low is None else f" under autocast({low})")
+            + "; attention needs one dtype: cast them, or run under torch.autocast as Trainer(bf16=True) does"
+        )
+    return dtypes.pop()
 
 
 def sequence_parallel_attention(
@@ -71,9 +87,27 @@ def sequence_parallel_attention(
     q [batch, seq_local, heads_q, head_dim]; k, v [batch, seq_local, heads_kv, head_dim], cut by `shard_sequence`
     with the same config. `cu_seqlens`: packed-document offsets into the FULL sequence (int [n_docs + 1], or one
     row per batch element). `window`: query i sees keys j with i - window < j <= i. `softcap`: s -> c*tanh(s/c).
-    `sinks`: per-head sink logits (GPT-OSS), differentiable.
+    `sinks`: per-head sink logits (GPT-OSS), differentiable. v may have a head_dim of its own (MLA).
+
+    Under torch.autocast the attention computes in the autocast dtype, as SDPA would; partial results merge in
+    float32 whatever the dtype, and the output has the compute dtype.
     """
     _check_inputs(q, k, v, sinks, window, softcap)
+    dtype = compute_dtype(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if qk_dim != v_dim:  # zero columns change no score and no output column: pad to one head_dim, slice after
+        width = max(qk_dim, v_dim)
+        q, k, v = (F.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+    # The kernels choose their precision themselves (fp32 lse and merge); autocast must not recast inside them.
+    with torch.autocast(q.device.type, enabled=False):
+        out = _attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), sinks, config, groups, causal, scale, cu_seqlens, window, softcap
+        )
+    return out[..., :v_dim] if out.shape[-1] != v_dim else out
+
+
+def _attention(q, k, v, sinks, config, groups, causal, scale, cu_seqlens, window, softcap):
     batch, seq_local, heads_q, head_dim = q.shape
     cfg = config.resolve(heads_q, k.shape[2])
     if groups.sp_size != cfg.sp_size:
@@ -85,7 +119,7 @@ def sequence_parallel_attention(
         raise ValueError(f"cu_seqlens has {len(docs)} rows for batch size {batch}; give 1 row or one per row")
     args = AttnArgs(
         spec=MaskSpec(causal=causal, window=window, docs=docs),
-        scale=head_dim**-0.5 if scale is None else float(scale),
+        scale=scale,
         softcap=softcap,
         backend=resolve_backend(cfg.backend, q),
     )
