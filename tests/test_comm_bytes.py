@@ -99,7 +99,7 @@ def _body_bytes(cfg_kwargs, shape):
 def _ring(p, b, c, hkv, d):
     """(forward, backward) p2p bytes of ring attention over p ranks on [b, c, hkv, d] K/V shards."""
     kv = 2 * b * c * hkv * d * E
-    return (p - 1) * kv, (p - 1) * kv + p * kv  # backward: K/V again (p-1 hops) + dK/dV accumulators (p hops)
+    return (p - 1) * kv, (p - 1) * kv + (p - 1) * kv  # backward: K/V again + dK/dV partial sums, p-1 hops each
 
 
 def _ulysses(p, b, c, h, hkv_sent, d):
@@ -194,9 +194,9 @@ def test_ring_posts_the_next_hop_before_computing(ranks):
     p = ranks.world_size
     want_fwd = ["kv.start", "compute", "kv.wait"] * (p - 1) + ["compute"]
     want_bwd = []
-    for step in range(p):
+    for step in range(p):  # a shard's dK/dV partial sums start at the next rank: no send at step 0
         want_bwd += ["kv.start"] if step < p - 1 else []
-        want_bwd += ["compute"] + (["dkv.wait"] if step > 0 else []) + ["dkv.start"]
+        want_bwd += ["compute"] + (["dkv.wait"] if step > 1 else []) + (["dkv.start"] if step > 0 else [])
         want_bwd += ["kv.wait"] if step < p - 1 else []
     want_bwd += ["dkv.wait"]
     for forward, backward in ranks.run(_body_ring_order):

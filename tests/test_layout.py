@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_seqpar.kernels import BlockKind, MaskSpec
-from hf_seqpar.kernels.blocks import _pairs
+from hf_seqpar.kernels.plan import _pairs
 from hf_seqpar.layout import Placement, shard, unshard
 
 WORLDS = [1, 2, 3, 4, 8]

@@ -25,9 +25,8 @@ def kv_heads_for_split(k: torch.Tensor, heads_q: int, ulysses: int) -> torch.Ten
     if heads_kv % ulysses == 0:
         return k
     group = heads_q // heads_kv
-    if ulysses % heads_kv == 0:
-        index = torch.tensor([(r * heads_q // ulysses) // group for r in range(ulysses)], device=k.device)
-        return k.index_select(2, index)
+    if ulysses % heads_kv == 0:  # rank r needs key head r // (u / heads_kv): each repeated, in order (no index
+        return k.repeat_interleave(ulysses // heads_kv, dim=2)  # tensor, so no host-to-device copy)
     return k.repeat_interleave(group, dim=2)
 
 

@@ -1,15 +1,19 @@
 """Single-device block attention returning (out, lse), and its backward. No torch.distributed here.
 
 `attend_fwd` / `attend_bwd` run one query tensor against one key/value tensor whose tokens are given as runs of
-global positions (segments), block by block, skipping what the mask hides and merging in the accumulation dtype.
+global positions (segments), following a plan built once on the host per (runs, mask, batch) (plan.py): a few
+variable-length flash calls on CUDA, one fused or math call per tile elsewhere; results merge in the accumulation
+dtype.
 """
 
-from .blocks import attend_bwd, attend_fwd, resolve_backend
-from .mask import BlockKind, MaskSpec, docs_from_cu_seqlens
+from .blocks import attend_bwd, attend_fwd, resolve_backend, varlen_impl
+from .mask import BlockKind, DocumentOffsets, MaskSpec, docs_from_cu_seqlens
 from .merge import acc_dtype, add_sinks, merge_into, sink_grad
+from .plan import plan_cache_info
 
 __all__ = [
     "BlockKind",
+    "DocumentOffsets",
     "MaskSpec",
     "acc_dtype",
     "add_sinks",
@@ -17,6 +21,8 @@ __all__ = [
     "attend_fwd",
     "docs_from_cu_seqlens",
     "merge_into",
+    "plan_cache_info",
     "resolve_backend",
     "sink_grad",
+    "varlen_impl",
 ]

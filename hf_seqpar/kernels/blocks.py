@@ -1,23 +1,29 @@
-"""Attention of query runs against key runs, block by block, with the mask decided per block on the host."""
+"""Attention of query runs against key runs, following a host-side plan built once per (runs, mask, batch).
+
+Two ways through, picked per call from the backend and the inputs:
+- varlen (CUDA, fp16/bf16; or the float64 reference): a few variable-length flash calls per call whatever the
+  number of packed documents, windows and softcap native (flash-attn), GQA without expanding K/V;
+- blocks (CPU, float32 on CUDA, the exact math path): one fused or math kernel call per tile of `block_plan`.
+Results are merged in the accumulation dtype, into the caller's accumulators when it passes them (`into`), so a
+ring merges each hop once.
+"""
 
 from __future__ import annotations
 
-import bisect
-
 import torch
 
-from ..layout import Segment
-from . import _compat, torch_backend
+from . import _compat, torch_backend, varlen
 from .mask import BlockKind, MaskSpec
 from .merge import acc_dtype, merge_into
+from .plan import block_plan, varlen_plan
 
-BACKENDS = ("torch", "flash_attn", "math")
+BACKENDS = ("torch", "flash_attn", "math", "reference_varlen")  # the last two: exactness references, not for users
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """'auto' -> flash_attn when installed and the inputs suit it, else torch."""
     if backend == "auto":
-        suits = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _compat.flash_attn_available()
+        suits = q.is_cuda and q.dtype in _compat.VARLEN_DTYPES and _compat.flash_attn_available()
         return "flash_attn" if suits else "torch"
     if backend == "flash_attn" and not _compat.flash_attn_available():
         raise ValueError("backend='flash_attn' needs the flash-attn package (pip install 'hf_seqpar[flash]')")
@@ -26,105 +32,125 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
-def _split(segs: tuple[Segment, ...], cuts: list[int], window: int | None) -> list[tuple[int, Segment]]:
-    """Cut runs at `cuts` (and at multiples of the window) -> (offset in the tensor, run) tiles."""
-    tiles, offset = [], 0
-    for seg in segs:
-        points = {seg.start, seg.end}
-        points.update(cuts[bisect.bisect_right(cuts, seg.start) : bisect.bisect_left(cuts, seg.end)])
-        if window is not None:
-            points.update(range(-(-seg.start // window) * window, seg.end, window))
-        points = sorted(points)
-        tiles += [(offset + a - seg.start, Segment(a, b - a)) for a, b in zip(points, points[1:], strict=False)]
-        offset += seg.length
-    return tiles
+def varlen_impl(backend: str, q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
+    """Which varlen kernel serves this call, or None for the per-tile path."""
+    if backend == "reference_varlen":
+        return "reference"
+    if not (q.is_cuda and q.dtype in _compat.VARLEN_DTYPES and _compat.varlen_head_dims_ok(q, v)):
+        return None
+    if backend == "flash_attn":
+        return "flash_attn"
+    if backend == "torch" and softcap is None and _compat.aten_varlen_available():
+        return "aten"
+    return None
 
 
-def _pairs(q_segs, k_segs, spec: MaskSpec):
-    """(query slice, key slice, kind, q run, k run) for every block that is not fully masked.
-
-    Both sides are cut at each other's run boundaries, at document starts and at multiples of the window, so
-    that almost every block is EMPTY, FULL or CAUSAL; neighbouring FULL key tiles are served as one block.
-    Only key tiles inside the reach of a query tile (its documents, its window, the causal limit) are looked at.
-    """
-    cuts = {p for seg in q_segs + k_segs for p in (seg.start, seg.end)}
-    if spec.docs is not None:
-        cuts.update(p for row in spec.docs for p in row)
-    cuts = sorted(cuts)
-    k_tiles = sorted(_split(k_segs, cuts, spec.window), key=lambda t: t[1].start)
-    k_starts = [t[1].start for t in k_tiles]
-    for q_off, qs in _split(q_segs, cuts, spec.window):
-        lo, hi = spec.reach(qs)
-        run = None  # (k slice start, k slice stop, merged k run) of consecutive FULL tiles
-        for k_off, ks in k_tiles[max(bisect.bisect_right(k_starts, lo) - 1, 0) : bisect.bisect_left(k_starts, hi)]:
-            kind = spec.classify(qs, ks)
-            if kind is BlockKind.FULL and run and run[1] == k_off and run[2].end == ks.start:
-                run = (run[0], k_off + ks.length, Segment(run[2].start, run[2].length + ks.length))
-                continue
-            if run:
-                yield slice(q_off, q_off + qs.length), slice(run[0], run[1]), BlockKind.FULL, qs, run[2]
-                run = None
-            if kind is BlockKind.FULL:
-                run = (k_off, k_off + ks.length, ks)
-            elif kind is not BlockKind.EMPTY:
-                yield slice(q_off, q_off + qs.length), slice(k_off, k_off + ks.length), kind, qs, ks
-        if run:
-            yield slice(q_off, q_off + qs.length), slice(run[0], run[1]), BlockKind.FULL, qs, run[2]
+def _row_pieces(start: int, stop: int, length: int):
+    """Rows [start, stop) of a flattened [batch * length] tensor -> (batch row, from, to, offset into the range)."""
+    pos = start
+    while pos < stop:
+        b, a = divmod(pos, length)
+        end = min(stop, (b + 1) * length)
+        yield b, a, a + end - pos, pos - start
+        pos = end
 
 
-def _flash_ok(backend: str, kind: BlockKind, q: torch.Tensor) -> bool:
-    return backend == "flash_attn" and kind is not BlockKind.MIXED and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def attend_fwd(
-    q,
-    k,
-    v,
-    q_segs: tuple[Segment, ...],
-    k_segs: tuple[Segment, ...],
-    spec: MaskSpec,
-    *,
-    scale: float,
-    softcap: float | None,
-    backend: str,
-):
-    """q [B, Lq, H, D] against k, v [B, Lk, Hkv, D] -> (out, lse): out [B, Lq, H, D] and lse [B, H, Lq] in the
-    accumulation dtype. Rows that see no key get (0, -inf)."""
-    b, lq, h, d = q.shape
-    dt = acc_dtype(q.dtype)
-    out = torch.zeros(b, lq, h, d, dtype=dt, device=q.device)
-    lse = torch.full((b, h, lq), float("-inf"), dtype=dt, device=q.device)
-    for qi, ki, kind, qs, ks in _pairs(q_segs, k_segs, spec):
-        mask = spec.dense(qs, ks, q.device) if kind is BlockKind.MIXED else None
-        qb, kb, vb = q[:, qi], k[:, ki], v[:, ki]
-        if _flash_ok(backend, kind, q):
-            blk_out, blk_lse = _compat.flash_forward(qb, kb, vb, scale, kind is BlockKind.CAUSAL, softcap)
-        elif backend != "math" and torch_backend.fused_supported(q, softcap):
-            blk_out, blk_lse = torch_backend.fused_fwd(qb, kb, vb, kind, mask, scale)
-        else:
-            blk_out, blk_lse = torch_backend.math_fwd(qb, kb, vb, kind, mask, scale, softcap)
-        merge_into(out[:, qi], lse[:, :, qi], blk_out, blk_lse.to(dt))
+def _varlen_fwd(impl, q, k, v, q_segs, k_segs, spec, scale, softcap, out, lse):
+    b, lq, h, _ = q.shape
+    qf, kf, vf = q.reshape(b * lq, h, -1), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    fresh = out is None
+    if fresh:
+        out = torch.zeros(b, lq, h, v.shape[-1], dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, h, lq), float("-inf"), dtype=out.dtype, device=q.device)
+    for rnd in varlen_plan(q_segs, k_segs, spec, b):
+        (qa, qb), (ka, kb) = rnd.q_range, rnd.k_range
+        blk_out, blk_lse = varlen.varlen_fwd(impl, qf[qa:qb], kf[ka:kb], vf[ka:kb], rnd, scale=scale, softcap=softcap)
+        blk_lse = torch.where(torch.isposinf(blk_lse), float("-inf"), blk_lse).to(out.dtype)  # FA2: +inf = empty
+        for row, a, z, off in _row_pieces(qa, qb, lq):
+            o, s = blk_out[off : off + z - a], blk_lse[:, off : off + z - a]
+            if fresh:  # untouched rows are (0, -inf): merging into them is a copy
+                out[row, a:z] = o
+                lse[row, :, a:z] = s
+            else:
+                merge_into(out[row : row + 1, a:z], lse[row : row + 1, :, a:z], o[None], s[None])
+        fresh = False
     return out, lse
 
 
-def attend_bwd(
-    dout, q, k, v, out, lse, q_segs, k_segs, spec: MaskSpec, *, scale: float, softcap: float | None, backend: str
+def attend_fwd(
+    q, k, v, q_segs, k_segs, spec: MaskSpec, *, scale: float, softcap: float | None, backend: str, into=None
 ):
+    """q [B, Lq, H, D] against k, v [B, Lk, Hkv, Dv] -> (out, lse): out [B, Lq, H, Dv] and lse [B, H, Lq] in the
+    accumulation dtype. Rows that see no key get (0, -inf). With `into=(out, lse)` the result is merged into those
+    accumulators (in place) and they are returned."""
+    out, lse = into if into is not None else (None, None)
+    impl = varlen_impl(backend, q, v, softcap)
+    if impl is not None:
+        return _varlen_fwd(impl, q, k, v, q_segs, k_segs, spec, scale, softcap, out, lse)
+    b, lq, h, _ = q.shape
+    if out is None:
+        out = torch.zeros(b, lq, h, v.shape[-1], dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, h, lq), float("-inf"), dtype=out.dtype, device=q.device)
+    fused = backend != "math" and torch_backend.fused_supported(q, v, softcap)
+    for qi, ki, kind, qs, ks in block_plan(q_segs, k_segs, spec):
+        mask = spec.dense(qs, ks, q.device) if kind is BlockKind.MIXED else None
+        qb, kb, vb = q[:, qi], k[:, ki], v[:, ki]
+        if fused:
+            blk_out, blk_lse = torch_backend.fused_fwd(qb, kb, vb, kind, mask, scale)
+        else:
+            blk_out, blk_lse = torch_backend.math_fwd(qb, kb, vb, kind, mask, scale, softcap)
+        merge_into(out[:, qi], lse[:, :, qi], blk_out, blk_lse.to(out.dtype))
+    return out, lse
+
+
+def _varlen_bwd(impl, dout, q, k, v, out, lse, q_segs, k_segs, spec, scale, softcap, grads):
+    b, lq, h, _ = q.shape
+    dq, dk, dv = grads
+    qf, kf, vf = q.reshape(b * lq, h, -1), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    dq_f, dk_f, dv_f = dq.view(qf.shape), dk.view(kf.shape), dv.view(vf.shape)
+    dout_f = dout.to(q.dtype).reshape(b * lq, h, -1)
+    out_f = out.to(q.dtype).reshape(b * lq, h, -1)
+    safe = torch.where(torch.isneginf(lse), 0.0, lse)  # rows that saw no key: any finite value, their grads are 0
+    lse_f = safe.to(acc_dtype(q.dtype)).permute(1, 0, 2).reshape(h, b * lq)  # FA2 layout [H, B * Lq]
+    for rnd in varlen_plan(q_segs, k_segs, spec, b):
+        (qa, qb), (ka, kb) = rnd.q_range, rnd.k_range
+        g_q, g_k, g_v = varlen.varlen_bwd(
+            impl,
+            dout_f[qa:qb].contiguous(),
+            qf[qa:qb],
+            kf[ka:kb],
+            vf[ka:kb],
+            out_f[qa:qb].contiguous(),
+            lse_f[:, qa:qb].contiguous(),
+            rnd,
+            scale=scale,
+            softcap=softcap,
+        )
+        dq_f[qa:qb] += g_q
+        dk_f[ka:kb] += g_k
+        dv_f[ka:kb] += g_v
+    return dq, dk, dv
+
+
+def attend_bwd(
+    dout, q, k, v, out, lse, q_segs, k_segs, spec: MaskSpec, *, scale: float, softcap: float | None, backend: str,
+    into=None,
+):  # fmt: skip
     """Gradients of attend_fwd given the FINAL out and lse of the rows (which may include other key blocks).
-    Returns dq [B, Lq, H, D], dk, dv [B, Lk, Hkv, D] in the accumulation dtype."""
+    Returns dq [B, Lq, H, D], dk, dv [B, Lk, Hkv, D] in the accumulation dtype, added to `into=(dq, dk, dv)` (in
+    place, contiguous accumulators) when given."""
     dt = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
-    dk = torch.zeros(k.shape, dtype=dt, device=q.device)
-    dv = torch.zeros(v.shape, dtype=dt, device=q.device)
-    for qi, ki, kind, qs, ks in _pairs(q_segs, k_segs, spec):
+    if into is None:
+        into = tuple(torch.zeros(t.shape, dtype=dt, device=q.device) for t in (q, k, v))
+    impl = varlen_impl(backend, q, v, softcap)
+    if impl is not None:
+        return _varlen_bwd(impl, dout, q, k, v, out, lse, q_segs, k_segs, spec, scale, softcap, into)
+    dq, dk, dv = into
+    fused = backend != "math" and torch_backend.fused_supported(q, v, softcap)
+    for qi, ki, kind, qs, ks in block_plan(q_segs, k_segs, spec):
         mask = spec.dense(qs, ks, q.device) if kind is BlockKind.MIXED else None
         args = (dout[:, qi], q[:, qi], k[:, ki], v[:, ki], out[:, qi], lse[:, :, qi])
-        if _flash_ok(backend, kind, q):
-            o = args[4].to(q.dtype)
-            grads = _compat.flash_backward(
-                *args[:4], o, args[5].float().contiguous(), scale, kind is BlockKind.CAUSAL, softcap
-            )
-        elif backend != "math" and torch_backend.fused_supported(q, softcap):
+        if fused:
             grads = torch_backend.fused_bwd(*args, kind, mask, scale)
         else:
             grads = torch_backend.math_bwd(*args, kind, mask, scale, softcap)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +30,19 @@ class BlockKind(enum.Enum):
 @dataclass(frozen=True)
 class MaskSpec:
     """The attention rule for one sequence (shared by every block). `docs`: per batch row, sorted document
-    start offsets ending with the sequence length (cu_seqlens); one row is broadcast to every batch row."""
+    start offsets ending with the sequence length (cu_seqlens); one row is broadcast to every batch row.
+
+    Hashable with its hash computed once: block plans are cached by (runs, spec) and looked up by every layer."""
 
     causal: bool = True
     window: int | None = None
     docs: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.causal, self.window, self.docs)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def doc_span(self, row: tuple[int, ...], seg: Segment) -> tuple[int, int]:
         """Indices of the first and last document touched by `seg`."""
@@ -74,7 +83,8 @@ class MaskSpec:
         return BlockKind.MIXED
 
     def dense(self, q: Segment, k: Segment, device: torch.device) -> torch.Tensor:
-        """Boolean mask [rows, q.length, k.length] (rows = 1 or batch); True = may attend."""
+        """Boolean mask [rows, q.length, k.length] (rows = 1 or batch); True = may attend. Built from host
+        integers only (no host-to-device copy, so no device sync)."""
         i = torch.arange(q.start, q.end, device=device)[:, None]
         j = torch.arange(k.start, k.end, device=device)[None, :]
         allowed = torch.ones(q.length, k.length, dtype=torch.bool, device=device)
@@ -88,28 +98,73 @@ class MaskSpec:
             return allowed[None]
         rows = []
         for row in self.docs:
-            offsets = torch.tensor(row, device=device)
-            qd = torch.bucketize(i, offsets, right=True)
-            kd = torch.bucketize(j, offsets, right=True)
-            rows.append(allowed & (qd == kd))
+            same_doc = torch.zeros_like(allowed)
+            first, last = self.doc_span(row, q)
+            for d in range(first, last + 1):  # documents touching both runs: their rectangle is allowed
+                lo, hi = max(row[d], k.start), min(row[d + 1], k.end)
+                if lo < hi:
+                    same_doc[
+                        max(row[d], q.start) - q.start : min(row[d + 1], q.end) - q.start, lo - k.start : hi - k.start
+                    ] = True
+            rows.append(allowed & same_doc)
         return torch.stack(rows)
 
 
-def docs_from_cu_seqlens(cu_seqlens: torch.Tensor | list | tuple | None, seq_len: int):
-    """Validate offsets and return them as host tuples (one per batch row), or None."""
+@dataclass(frozen=True)
+class DocumentOffsets:
+    """Packed-document offsets of one batch, held on the host: per batch row, cu_seqlens into the full padded row
+    (0 ... S). Not a tensor, so Trainer / accelerate leave it where it is when they move a batch to the GPU, and
+    attention reads it without a device-to-host sync. Hashable (its hash computed once)."""
+
+    rows: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self.rows))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @classmethod
+    def from_padded(cls, offsets) -> DocumentOffsets:
+        """From a host [B, K] int tensor / nested list whose short rows repeat the last offset (the collator's
+        `seqpar_cu_seqlens` format)."""
+        rows = []
+        for row in offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets:
+            row = [int(x) for x in row]
+            while len(row) > 2 and row[-1] == row[-2]:
+                row.pop()
+            rows.append(tuple(row))
+        return cls(tuple(rows))
+
+
+def docs_from_cu_seqlens(cu_seqlens, seq_len: int):
+    """Validate offsets and return them as host tuples (one per batch row), or None.
+
+    Accepts a `DocumentOffsets`, nested tuples / lists, or a tensor. Host inputs are validated once per distinct
+    value (cached): every layer of a step passes the same offsets. A tensor on the GPU costs a device sync here;
+    pass `DocumentOffsets` to avoid it."""
     if cu_seqlens is None:
         return None
-    rows = cu_seqlens if isinstance(cu_seqlens, list | tuple) else [cu_seqlens]
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 2:
+    if isinstance(cu_seqlens, DocumentOffsets):
+        return _validated(cu_seqlens.rows, seq_len)
+    if isinstance(cu_seqlens, torch.Tensor):
+        rows = cu_seqlens.tolist()
+        rows = rows if cu_seqlens.dim() == 2 else [rows]
+    else:
         rows = list(cu_seqlens)
-    out = []
-    for row in rows:
-        offsets = tuple(int(x) for x in (row.tolist() if isinstance(row, torch.Tensor) else row))
+        if rows and not isinstance(rows[0], list | tuple | torch.Tensor):
+            rows = [rows]
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else r for r in rows]
+    return _validated(tuple(tuple(int(x) for x in row) for row in rows), seq_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _validated(rows: tuple[tuple[int, ...], ...], seq_len: int) -> tuple[tuple[int, ...], ...]:
+    for offsets in rows:
         if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != seq_len:
             raise ValueError(
                 f"cu_seqlens must start at 0 and end at the full sequence length {seq_len}; got {list(offsets)[:8]}"
             )
         if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
             raise ValueError(f"cu_seqlens must be strictly increasing; got {list(offsets)[:16]}")
-        out.append(offsets)
-    return tuple(out)
+    return rows

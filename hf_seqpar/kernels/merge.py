@@ -28,7 +28,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     safe = _finite(new_lse)
     w_old = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)
     w_blk = torch.exp(block_lse - safe).transpose(1, 2).unsqueeze(-1)
-    out.mul_(w_old).add_(block_out.to(out.dtype) * w_blk)
+    # Two passes over `out` (the weights are per row, small): a memory-bound merge at every ring hop adds up
+    out.mul_(w_old).addcmul_(block_out, w_blk.to(out.dtype))
     lse.copy_(new_lse)
 
 

@@ -45,7 +45,7 @@ def math_fwd(q, k, v, kind, mask, scale, softcap):
     s, _ = _scores(q, k, scale, softcap, mask)
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Lq]
     p = torch.exp(s - _safe(lse)[..., None])
-    out = torch.einsum("bhgqk,bhkd->bqhgd", p, v.to(p.dtype).transpose(1, 2)).reshape(b, lq, h, d)
+    out = torch.einsum("bhgqk,bhkd->bqhgd", p, v.to(p.dtype).transpose(1, 2)).reshape(b, lq, h, v.shape[-1])
     return out, lse.reshape(b, h, lq)
 
 
@@ -70,11 +70,13 @@ def math_bwd(dout, q, k, v, out, lse, kind, mask, scale, softcap):
     return dq, dk, dv
 
 
-def fused_supported(q: torch.Tensor, softcap: float | None) -> bool:
-    """The SDPA kernels have no softcap; on CUDA they do not take float64."""
+def fused_supported(q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> bool:
+    """The SDPA kernels have no softcap; on CUDA they do not take float64; on CPU q, k and v share a head dim."""
     if softcap is not None:
         return False
-    return q.device.type == "cpu" or q.dtype != torch.float64
+    if q.device.type == "cpu":
+        return v.shape[-1] == q.shape[-1]
+    return q.dtype != torch.float64
 
 
 def _bhld(x):
