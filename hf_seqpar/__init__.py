@@ -14,6 +14,7 @@ _LAZY = {  # name -> module that defines it (imports transformers / accelerate)
     "SequenceShardingCollator": ".integrations.collator",
     "SequenceParallelPlugin": ".integrations.plugin",
     "apply_sequence_parallel": ".integrations.transformers",
+    "remove_sequence_parallel": ".integrations.transformers",
 }
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "apply_sequence_parallel",
     "gather_sequence",
     "init_groups",
+    "remove_sequence_parallel",
     "sequence_parallel_attention",
     "shard_sequence",
 ]

@@ -78,13 +78,6 @@ def test_attention_dropout_is_refused():
         model(**_collate(torch.randint(3, VOCAB, (1, 16))))
 
 
-def test_batch_without_collator_metadata_is_refused():
-    model = hf_seqpar.apply_sequence_parallel(tiny_model("llama"), config=CFG1, groups=SINGLE)
-    ids = torch.randint(3, VOCAB, (1, 16))
-    with pytest.raises(ValueError, match="SequenceShardingCollator"):
-        model(input_ids=ids, labels=ids)
-
-
 def test_sp_size_one_equals_the_plain_model():
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     plain = tiny_model("mistral")(input_ids=ids, labels=ids).loss

@@ -8,7 +8,8 @@ differences, and the pad tokens become a separate document that nothing attends 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,26 +26,64 @@ _DROPPED = ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", 
 _SEQUENCE_KEYS = ("labels", "shift_labels", "attention_mask", "position_ids", "token_type_ids", "seq_idx")
 
 
-def _random_reason(collator: Any) -> str | None:
-    """Why `collator` draws random numbers (MLM / PLM masking), looking through wrappers such as
-    transformers' `RemoveColumnsCollator`; None when it is deterministic as far as we can tell."""
+UNSHARDED_KEY = "seqpar_unsharded"  # with keep_unsharded=True; the Trainer integration pops it before the model
+
+
+def collator_chain(collate_fn: Any) -> Iterator[Any]:
+    """`collate_fn`, then each collator it wraps (transformers' `RemoveColumnsCollator` keeps the wrapped one in
+    `.data_collator`); the one walk of that chain."""
     seen = set()
-    while collator is not None and id(collator) not in seen:
-        seen.add(id(collator))
-        name = type(collator).__name__
-        if getattr(collator, "mlm", False):
+    while collate_fn is not None and id(collate_fn) not in seen:
+        seen.add(id(collate_fn))
+        yield collate_fn
+        collate_fn = getattr(collate_fn, "data_collator", None)
+
+
+def _random_reason(collator: Any) -> str | None:
+    """Why `collator` (or a collator it wraps) draws random numbers (MLM / PLM masking); None when it is
+    deterministic as far as we can tell."""
+    for layer in collator_chain(collator):
+        name = type(layer).__name__
+        if getattr(layer, "mlm", False):
             return f"{name}(mlm=True) masks tokens at random"
-        if not hasattr(collator, "mlm") and getattr(collator, "mlm_probability", None):
-            return f"{name}(mlm_probability={collator.mlm_probability}) masks tokens at random"
-        if getattr(collator, "plm_probability", None):
+        if not hasattr(layer, "mlm") and getattr(layer, "mlm_probability", None):
+            return f"{name}(mlm_probability={layer.mlm_probability}) masks tokens at random"
+        if getattr(layer, "plm_probability", None):
             return f"{name} samples permutation masks at random"
-        collator = getattr(collator, "data_collator", None)
     return None
 
 
 def _row_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, s], ...] for a [B, S, ...] tensor and a [B, S] index."""
     return x.gather(1, index.view(index.shape + (1,) * (x.dim() - 2)).expand(x.shape))
+
+
+def _roll_left(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Roll each row b of a [B, S, ...] tensor left by shift[b] (left padding -> right padding; negative undoes)."""
+    idx = torch.arange(x.shape[1], device=x.device)
+    return _row_gather(x, (idx + shift.to(x.device)[:, None]) % x.shape[1])
+
+
+@dataclass(frozen=True)
+class UnshardedRows:
+    """The base collator's batch as the plain run would see it, for what must report on whole rows (eval metrics,
+    token counts). Rides in the batch under `UNSHARDED_KEY` when the collator has `keep_unsharded=True`."""
+
+    seq_len: int  # S of the base batch
+    padded_len: int  # S_pad: S padded to the layout's multiple
+    left_pad: torch.Tensor  # [B] leading pad tokens of each row, rolled to the right by the collator
+    labels: torch.Tensor | None  # [B, S] the base batch's own labels (None: it had none)
+    attention_mask_sum: int | None  # real tokens by the base batch's attention_mask (None: it had none)
+
+    def arrange(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """[B, S, ...] in the base batch's order -> [B, S_pad, ...] in the collator's order (before sharding)."""
+        x = _roll_left(x, self.left_pad) if self.left_pad.any() else x
+        return torch.cat([x, x.new_full((x.shape[0], self.padded_len - self.seq_len) + x.shape[2:], fill)], 1)
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `arrange`: [B, S_pad, ...] (gathered from the shards) -> [B, S, ...] in the base order."""
+        x = x[:, : self.seq_len]
+        return _roll_left(x, -self.left_pad) if self.left_pad.any() else x
 
 
 def _starts_to_positions(starts: torch.Tensor) -> torch.Tensor:
@@ -61,11 +100,14 @@ class SequenceShardingCollator:
     last token); `labels` (the same tensor, so a Trainer counting `labels` counts each target once); global
     `position_ids` (restarting at 0 per packed document); any other [B, S] tensor of the batch. Plus
     `seqpar_cu_seqlens`: int32 [B, K] document offsets into the FULL padded row (0 ... S_pad), short rows
-    right-padded by repeating S_pad; the padding of each row is a document of its own. Dropped: `attention_mask`,
-    `cu_seq_lens_q/k`, `max_length_q/k`, `seq_idx`. Other entries pass through unchanged.
+    right-padded by repeating S_pad; the padding of each row is a document of its own. And `seqpar_real_tokens`:
+    bool [B, S_pad / sp_size], this rank's tokens that are not padding (what attention_mask said).
+    Dropped: `attention_mask`, `cu_seq_lens_q/k`, `max_length_q/k`, `seq_idx`. Other entries pass through unchanged.
 
     Collators that draw random numbers (MLM masking) are refused: every SP rank would mask differently. Pass
     `allow_random=True` only if you guarantee identical RNG state on every rank of an SP group.
+    `keep_unsharded=True` adds `seqpar_unsharded`: an `UnshardedRows` record of the base batch (length, left
+    padding, its own labels, token count), which is no model input: pop it before the forward.
     """
 
     def __init__(

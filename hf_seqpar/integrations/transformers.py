@@ -3,15 +3,22 @@
 `apply_sequence_parallel` registers `hf_seqpar_<mode>` (no mask builder, so transformers builds no S x S mask),
 attaches the config and groups to every attention module (no globals), and switches the model to that name.
 The attention function honours every argument the model passes or refuses it; it never drops one.
+
+A forward whose batch did not come from SequenceShardingCollator (generate, a prompt evaluated on one rank) runs
+with the model's original attention: forward hooks on the model switch it back for that call, masks included.
+`remove_sequence_parallel` switches a model back for good.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..algorithms import sequence_parallel_attention
 from ..config import SeqParConfig
@@ -20,30 +27,127 @@ from ..mesh import SeqParGroups
 logger = logging.getLogger("hf_seqpar")
 STATE_ATTR = "_hf_seqpar"
 DOCS_KEY = "seqpar_cu_seqlens"
-SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
-# Keys that describe the full, unsharded sequence to other attention paths; on a shard they would mislead.
-_REFUSED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+REAL_TOKENS_KEY = "seqpar_real_tokens"  # [B, S_local] bool: this rank's tokens that are not padding
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+# Attention kwargs that change nothing here: positions are already in q/k (RoPE), loss and output switches are
+# for other modules, and our own batch keys are read from their own names.
+_INERT_KWARGS = {
+    "position_ids",
+    "cache_position",
+    "use_cache",
+    "num_items_in_batch",
+    "shift_labels",
+    "return_dict",
+    "output_hidden_states",
+    "output_router_logits",
+    "token_type_ids",
+    DOCS_KEY,
+    REAL_TOKENS_KEY,
+}
+# Describe the full, unsharded sequence to other attention paths; on a shard they would mislead.
+_UNSHARDED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+HONOURED_KWARGS = ("scaling", "is_causal", "sliding_window", "softcap", "s_aux", "dropout (must be 0)")
+
+# The sharded forward in progress on this thread (innermost): (state, real-token mask). Read by the MoE router
+# loss, which upstream computes in a module-level function that sees neither the model nor the batch.
+SHARDED_FORWARD: contextvars.ContextVar = contextvars.ContextVar("hf_seqpar_sharded_forward", default=None)
 
 
 @dataclass
 class SeqParState:
-    """What one model's attention modules need: the config, the groups, and a one-entry cache of the current
-    batch's document offsets (moved to the host once per step, not once per layer)."""
+    """What one model's attention modules need: the config, the groups, the attention implementation each
+    switched config had before, and a one-entry cache of the current batch's document offsets (moved to the host
+    once per step, not once per layer)."""
 
     config: SeqParConfig
     groups: SeqParGroups
-    _docs_cache: list = field(default_factory=lambda: [None, None])
+    impl: str
+    originals: list  # [(config object, its original _attn_implementation)]
+    hooks: list = field(default_factory=list)
+    _docs_cache: list = field(default_factory=lambda: [None, None, None])
+    _stack: list = field(default_factory=list)
 
-    def documents(self, offsets: torch.Tensor):
-        if self._docs_cache[0] is not offsets:
+    def documents(self, offsets: torch.Tensor, chunk: int | None = None):
+        """Document offsets per row as tuples (None for one document per row); with `chunk`, every row is also
+        cut at multiples of it (Llama-4 chunked attention: block-diagonal causal blocks from the row start)."""
+        if self._docs_cache[0] is not offsets or self._docs_cache[1] != chunk:
             rows = []
             for row in offsets.tolist():
                 while len(row) > 2 and row[-1] == row[-2]:  # right padding by repetition
                     row.pop()
+                if chunk:
+                    row = sorted(set(row).union(range(0, row[-1], chunk)))
                 rows.append(tuple(row))
             single_doc = all(len(r) == 2 for r in rows)
-            self._docs_cache[:] = [offsets, None if single_doc else tuple(rows)]
-        return self._docs_cache[1]
+            self._docs_cache[:] = [offsets, chunk, None if single_doc else tuple(rows)]
+        return self._docs_cache[2]
+
+    def enter(self, kwargs: dict) -> None:
+        """Forward pre-hook: a sharded batch uses our attention, any other the original (masks built for it)."""
+        sharded = kwargs.get(DOCS_KEY) is not None
+        self._stack.append(([c._attn_implementation_internal for c, _ in self.originals], SHARDED_FORWARD.get()))
+        for cfg, original in self.originals:
+            cfg._attn_implementation_internal = self.impl if sharded else original
+        SHARDED_FORWARD.set((self, kwargs.get(REAL_TOKENS_KEY)) if sharded else None)
+
+    def leave(self) -> None:
+        impls, current = self._stack.pop()
+        for (cfg, _), impl in zip(self.originals, impls, strict=True):
+            cfg._attn_implementation_internal = impl
+        SHARDED_FORWARD.set(current)
+
+
+def _original_attention(module: torch.nn.Module, state: SeqParState):
+    """The attention function `module` used before the switch (for forwards of unsharded batches)."""
+    impl = next((orig for cfg, orig in state.originals if cfg is getattr(module, "config", None)), None)
+    impl = impl or state.originals[0][1]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if impl in (None, "eager"):
+        if eager is None:
+            raise NotImplementedError(f"hf_seqpar: {type(module).__name__} has no eager attention to fall back to")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+
+def _layer_chunk(module: torch.nn.Module) -> int | None:
+    """attention_chunk_size when this module's layer is a chunked-attention layer (Llama-4), else None."""
+    config, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer is not None and layer_types[layer] == "chunked_attention":
+        return config.attention_chunk_size
+    return None
+
+
+def _refusal(name: str, kwargs: dict, dropout: float, attention_mask, query, key) -> str | None:
+    if dropout:
+        return (
+            f"{name}: attention dropout={dropout} cannot be reproduced exactly across ranks; set the model's "
+            "attention_dropout to 0 (most causal LMs use 0)"
+        )
+    if attention_mask is not None:
+        return (
+            f"{name} received an explicit attention mask {tuple(attention_mask.shape)}; under sequence parallelism "
+            "document and padding structure come from SequenceShardingCollator's seqpar_cu_seqlens instead"
+        )
+    if query.shape[2] != key.shape[2]:
+        return (
+            f"{name}: {query.shape[2]} query tokens against {key.shape[2]} keys: a KV cache holds earlier tokens, "
+            "which a sharded forward cannot use; pass use_cache=False"
+        )
+    if kwargs.get("output_attentions"):
+        return f"{name}: output_attentions=True needs the full S x S attention weights; sharded attention has none"
+    unsharded = [k for k in _UNSHARDED_KWARGS if kwargs.get(k) is not None]
+    if unsharded:
+        return f"{name}: {unsharded} describe the unsharded sequence; drop them (SequenceShardingCollator does)"
+    unknown = sorted(
+        k for k in kwargs if k not in _INERT_KWARGS and k not in ("output_attentions", *_UNSHARDED_KWARGS)
+    )
+    if unknown:
+        return (
+            f"{name} passed attention arguments {unknown} that hf_seqpar does not know, so it cannot promise the "
+            f"same result; it honours {list(HONOURED_KWARGS)}. Please report the model family"
+        )
+    return None
 
 
 def seqpar_attention_forward(
@@ -60,30 +164,23 @@ def seqpar_attention_forward(
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """AttentionInterface function: q [B, H, S_local, D], k/v [B, H_kv, S_local, D] -> ([B, S_local, H, D], None)."""
+    """AttentionInterface function: q [B, H, S_local, D], k/v [B, H_kv, S_local, D] -> ([B, S_local, H, D], None).
+
+    A call without the collator's document offsets (an unsharded batch reaching a module directly, or the
+    recompute of such a forward under gradient checkpointing) is passed to the original attention unchanged."""
     state: SeqParState | None = getattr(module, STATE_ATTR, None)
     name = type(module).__name__
     if state is None:
-        raise RuntimeError(f"{name} was switched to hf_seqpar attention without apply_sequence_parallel(model, ...)")
-    if dropout:
-        raise NotImplementedError(
-            f"{name}: attention dropout={dropout} cannot be reproduced exactly across ranks; set the model's "
-            "attention_dropout to 0 (most causal LMs use 0)"
-        )
-    if attention_mask is not None:
-        raise NotImplementedError(
-            f"{name} received an explicit attention mask {tuple(attention_mask.shape)}; under sequence parallelism "
-            "document and padding structure come from SequenceShardingCollator's seqpar_cu_seqlens instead"
-        )
-    refused = [k for k in _REFUSED_KWARGS if kwargs.get(k) is not None]
-    if refused:
-        raise NotImplementedError(f"{name}: {refused} describe the unsharded sequence; drop them (the collator does)")
+        raise RuntimeError(f"hf_seqpar: {name} was switched to hf_seqpar attention without apply_sequence_parallel")
     offsets = kwargs.get(DOCS_KEY)
     if offsets is None:
-        raise ValueError(
-            f"{name}: the batch has no '{DOCS_KEY}'. Sharded batches must come from "
-            "hf_seqpar.SequenceShardingCollator, which also carries the document and padding boundaries"
-        )
+        honoured = dict(dropout=dropout, scaling=scaling, sliding_window=sliding_window, softcap=softcap)
+        honoured.update(is_causal=is_causal, s_aux=s_aux)
+        honoured = {k: v for k, v in honoured.items() if v is not None}
+        return _original_attention(module, state)(module, query, key, value, attention_mask, **honoured, **kwargs)
+    refusal = _refusal(name, kwargs, dropout, attention_mask, query, key)
+    if refusal:
+        raise NotImplementedError("hf_seqpar: " + refusal)
     causal = module.is_causal if is_causal is None else is_causal
     out = sequence_parallel_attention(
         query.transpose(1, 2),
@@ -93,7 +190,7 @@ def seqpar_attention_forward(
         groups=state.groups,
         causal=causal,
         scale=scaling,
-        cu_seqlens=state.documents(offsets),
+        cu_seqlens=state.documents(offsets, _layer_chunk(module)),
         window=sliding_window,
         softcap=softcap,
         sinks=s_aux,
@@ -109,13 +206,13 @@ def _base_model(model: torch.nn.Module) -> PreTrainedModel:
     if PeftModel and isinstance(model, PeftModel):
         if model.peft_config[model.active_adapter].is_prompt_learning:
             raise NotImplementedError(
-                f"PEFT {model.peft_config[model.active_adapter].peft_type} prepends virtual tokens, which cannot be "
-                "split by sequence; use LoRA (or another non-prompt-learning method)"
+                f"hf_seqpar: PEFT {model.peft_config[model.active_adapter].peft_type} prepends virtual tokens, which "
+                "cannot be split by sequence; use LoRA (or another non-prompt-learning method)"
             )
         return model.get_base_model()
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
-            f"apply_sequence_parallel needs a transformers PreTrainedModel or PeftModel; got {type(model)}"
+            f"hf_seqpar: apply_sequence_parallel needs a transformers PreTrainedModel or PeftModel; got {type(model)}"
         )
     return model
 
@@ -130,35 +227,84 @@ def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> tuple[list
     other_layers = sorted(set(getattr(text_config, "layer_types", None) or ()) - SUPPORTED_LAYER_TYPES)
     if other_layers:
         raise NotImplementedError(
-            f"{name} has layers of type {other_layers}: recurrent / linear-attention / convolution layers carry state "
-            "along the sequence and cannot be split across ranks by hf_seqpar"
+            f"hf_seqpar: {name} has layers of type {other_layers}: recurrent / linear-attention / convolution layers "
+            "carry state along the sequence and cannot be split across ranks; use a model without them"
+        )
+    if getattr(text_config, "attn_temperature_tuning", False) and not all(
+        getattr(text_config, "no_rope_layers", None) or [1]
+    ):
+        raise NotImplementedError(
+            f"hf_seqpar: {name} scales NoPE-layer queries by token index (attn_temperature_tuning, floor_scale="
+            f"{getattr(text_config, 'floor_scale', None)}), which each rank would count from its own shard; set "
+            "attn_temperature_tuning=False in the config to fine-tune under sequence parallelism"
         )
     if not model._can_set_attn_implementation():
         raise NotImplementedError(
-            f"{name} does not route attention through transformers' AttentionInterface, so hf_seqpar cannot "
-            "replace its attention; use a model family that does (Llama, Mistral, Qwen, Gemma, Phi3, OLMo, ...)"
+            f"hf_seqpar: {name} does not route attention through transformers' AttentionInterface, so its "
+            "attention cannot be replaced; use a model family that does (Llama, Mistral, Qwen, Gemma, Phi3, OLMo, ...)"
         )
     modules = [m for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
     if not modules:
-        raise NotImplementedError(f"{name}: found no attention module with an `is_causal` attribute to switch")
+        raise NotImplementedError(f"hf_seqpar: {name}: found no attention module with an `is_causal` attribute")
     heads = getattr(text_config, "num_attention_heads", None)
     if heads is None:
         return modules, config
     return modules, config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
 
 
+def _configs(model: torch.nn.Module) -> list:
+    """Every distinct config object the model's modules read their attention implementation from."""
+    seen = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
 def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, groups: SeqParGroups):
-    """Switch `model` (in place; a PeftModel too) to sequence-parallel attention and return it."""
+    """Switch `model` (in place; a PeftModel too) to sequence-parallel attention and return it.
+
+    Batches from SequenceShardingCollator then run sharded; any other forward (generate, a plain prompt) runs the
+    model's original attention. `remove_sequence_parallel(model)` undoes the switch."""
+    from .moe import install_router_loss  # imports the model's modeling module only
+
     base = _base_model(model)
     modules, resolved = _check_supported(base, config)  # head constraints fail here, before any step
+    remove_sequence_parallel(model)  # a second apply replaces the first
     impl = f"hf_seqpar_{config.mode}"
     AttentionInterface.register(impl, seqpar_attention_forward)
-    state = SeqParState(config=config, groups=groups)
-    for module in modules:
-        setattr(module, STATE_ATTR, state)
+    before = {id(c): c._attn_implementation_internal for c in _configs(base)}
     base.set_attn_implementation(impl)
     if _text_config(base.config)._attn_implementation != impl:
-        raise NotImplementedError(f"{type(base).__name__} refused attn_implementation={impl!r}")
+        raise NotImplementedError(f"hf_seqpar: {type(base).__name__} refused attn_implementation={impl!r}")
+    originals = [(c, before[id(c)]) for c in _configs(base) if c._attn_implementation_internal == impl]
+    state = SeqParState(config=config, groups=groups, impl=impl, originals=originals)
+    install_router_loss(base, groups)
+    for module in modules:
+        setattr(module, STATE_ATTR, state)
+    for module in base.modules():  # the outer model and its inner decoder: nested calls are stacked
+        if isinstance(module, PreTrainedModel):
+            pre = module.register_forward_pre_hook(lambda m, a, kw: state.enter(kw), with_kwargs=True)
+            post = module.register_forward_hook(lambda m, a, out: state.leave(), always_call=True)
+            state.hooks += [pre, post]
+    setattr(base, STATE_ATTR, state)
     picked = f" (mode='auto' picked {resolved.describe()})" if config.mode == "auto" else ""
     logger.info("hf_seqpar: %s attention switched to %s%s", type(base).__name__, impl, picked)
+    return model
+
+
+def remove_sequence_parallel(model: torch.nn.Module):
+    """Switch `model` (a PeftModel too) back to the attention it had before `apply_sequence_parallel`; in place,
+    returns it. A model that was never switched is returned unchanged."""
+    base = _base_model(model)
+    state: SeqParState | None = base.__dict__.get(STATE_ATTR)
+    if state is None:
+        return model
+    for handle in state.hooks:
+        handle.remove()
+    for module in base.modules():
+        module.__dict__.pop(STATE_ATTR, None)
+    for cfg, original in state.originals:
+        cfg._attn_implementation_internal = original
     return model
