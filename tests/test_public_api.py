@@ -21,6 +21,7 @@ PUBLIC_NAMES = [
     "apply_sequence_parallel",
     "gather_sequence",
     "init_groups",
+    "remove_sequence_parallel",
     "sequence_parallel_attention",
     "shard_sequence",
 ]
