@@ -1,0 +1,205 @@
+"""Benchmark: bytes each rank sends for one attention call (one layer), measured on gloo, against each mode's formula.
+
+Every torch.distributed collective hf_seqpar calls is wrapped (hf_seqpar looks them up at call time) and what this
+rank sends is added up: a P2P send counts its tensor, an all-gather (P-1) x its input, an all-to-all and a
+reduce-scatter (P-1)/P of their input. The formulas (per rank, per layer; c local tokens, e bytes per element, a bytes
+of the float32 accumulators, kv = 2 * B * c * Hkv' * D, Hkv' the K/V heads after Ulysses' replication):
+  ring       forward (P-1) kv e;  backward (P-1) kv e (K/V again) + (P-1) kv a (dK/dV partial sums)
+  allgather  forward (P-1) kv e;  backward (P-1) kv e (K/V re-gathered) + (P-1) kv a (reduce-scatter of dK/dV)
+  ulysses    forward and backward (P-1)/P * B c D e (2H + 2Hkv')   (q, k, v, out / their gradients)
+  usp        its Ulysses all-to-all over u plus the ring over P/u groups with H/u heads
+ratio = measured / formula; 1.00 means no byte beyond the algorithm's own minimum (no padding, no extra hop).
+
+Usage: python benchmarks/comm_volume.py [--worlds 2,4,8] [--seq 4096] [--dtype bfloat16]
+Writes benchmarks/results/comm_volume.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_name  # noqa: E402
+
+import hf_seqpar  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARES = {  # collective -> (kind, share of its input this rank sends, given the group size)
+    "all_to_all_single": ("all_to_all", lambda n: Fraction(n - 1, n)),
+    "all_gather_single": ("all_gather", lambda n: n - 1),
+    "all_gather_into_tensor": ("all_gather", lambda n: n - 1),
+    "reduce_scatter_single": ("reduce_scatter", lambda n: Fraction(n - 1, n)),
+    "reduce_scatter_tensor": ("reduce_scatter", lambda n: Fraction(n - 1, n)),
+}
+
+
+class SentBytes:
+    """Context manager: count the bytes this rank sends through torch.distributed into `self.sent[kind]`."""
+
+    def __init__(self):
+        self.sent: dict[str, Fraction] = {}
+        self._saved = {}
+
+    def _add(self, kind, nbytes):
+        self.sent[kind] = self.sent.get(kind, 0) + nbytes
+
+    def __enter__(self):
+        for name, (kind, share) in SHARES.items():
+            if not hasattr(dist, name):
+                continue
+            orig = self._saved[name] = getattr(dist, name)
+            sig = inspect.signature(orig)
+
+            def wrapper(*args, _orig=orig, _sig=sig, _kind=kind, _share=share, **kwargs):
+                bound = _sig.bind(*args, **kwargs).arguments
+                t = bound.get("input", bound.get("input_tensor"))
+                self._add(_kind, t.numel() * t.element_size() * _share(dist.get_world_size(bound.get("group"))))
+                return _orig(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+        orig_p2p = self._saved["batch_isend_irecv"] = dist.batch_isend_irecv
+
+        def p2p(ops):
+            self._add("p2p", sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend))
+            return orig_p2p(ops)
+
+        dist.batch_isend_irecv = p2p
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.sent.values()))
+
+
+def _kv_heads_sent(heads: int, kv_heads: int, u: int) -> int:
+    return kv_heads if kv_heads % u == 0 else u if u % kv_heads == 0 else heads
+
+
+def formula(mode: str, world: int, b: int, c: int, h: int, hkv: int, d: int, e: int, a: int) -> tuple[int, int]:
+    """(forward, backward) bytes one rank must send per layer, as in the module docstring."""
+
+    def ring(p, c_ring, hkv_ring):
+        kv = 2 * b * c_ring * hkv_ring * d
+        return (p - 1) * kv * e, (p - 1) * kv * e + (p - 1) * kv * a
+
+    if mode in ("ring", "allgather"):
+        return ring(world, c, hkv)
+    u = world if mode == "ulysses" else 2
+    sent = _kv_heads_sent(h, hkv, u)
+    a2a = Fraction(u - 1, u) * b * c * d * e * (2 * h + 2 * sent)
+    fwd, bwd = ring(world // u, u * c, sent // u)
+    return int(a2a + fwd), int(a2a + bwd)
+
+
+def measure(mode: str, seq: int, heads: int, kv_heads: int, head_dim: int, dtype: str) -> dict:
+    """On every rank of an initialised group: one attention forward and backward; this rank's bytes sent."""
+    world = dist.get_world_size()
+    cfg = hf_seqpar.SeqParConfig(sp_size=world, mode=mode, **({"ulysses_size": 2} if mode == "usp" else {}))
+    groups = hf_seqpar.init_groups(cfg)
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    c = seq // world
+    q = torch.randn(1, c, heads, head_dim, generator=gen).to(dt).requires_grad_()
+    k = torch.randn(1, c, kv_heads, head_dim, generator=gen).to(dt).requires_grad_()
+    v = torch.randn(1, c, kv_heads, head_dim, generator=gen).to(dt).requires_grad_()
+    with SentBytes() as fwd:
+        out = hf_seqpar.sequence_parallel_attention(q, k, v, config=cfg, groups=groups)
+    with SentBytes() as bwd:
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    acc = 8 if dt == torch.float64 else 4
+    want_fwd, want_bwd = formula(mode, world, 1, c, heads, kv_heads, head_dim, q.element_size(), acc)
+    return {
+        "mode": mode,
+        "world": world,
+        "seq": seq,
+        "fwd_bytes": fwd.total,
+        "bwd_bytes": bwd.total,
+        "fwd_formula": want_fwd,
+        "bwd_formula": want_bwd,
+        "fwd_ratio": fwd.total / want_fwd,
+        "bwd_ratio": bwd.total / want_bwd,
+        "by_collective": {
+            "fwd": {k: int(v) for k, v in fwd.sent.items()},
+            "bwd": {k: int(v) for k, v in bwd.sent.items()},
+        },
+    }
+
+
+def _worker(rank, world, store, opts, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rows = []
+    for mode in opts.modes:
+        if mode == "usp" and world < 4:
+            continue
+        rows.append(measure(mode, opts.seq, opts.heads, opts.kv_heads, opts.head_dim, opts.dtype))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:  # every rank's ratio: the table shows the worst
+        queue.put(gathered)
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["ring", "allgather", "ulysses", "usp"])
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=RESULTS / "comm_volume.json")
+    opts = parser.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    rows = []
+    for world in opts.worlds:
+        queue = ctx.Queue()
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), opts, queue), nprocs=world)
+        per_rank = queue.get()
+        for i, row in enumerate(per_rank[0]):
+            ratios = [(r[i]["fwd_ratio"], r[i]["bwd_ratio"]) for r in per_rank]
+            row.update(
+                fwd_ratio_range=[min(x for x, _ in ratios), max(x for x, _ in ratios)],
+                bwd_ratio_range=[min(y for _, y in ratios), max(y for _, y in ratios)],
+            )
+            rows.append(row)
+            print(
+                f"P={world} {row['mode']:<9} fwd {row['fwd_bytes'] / 2**20:8.3f} MiB / formula "
+                f"{row['fwd_formula'] / 2**20:8.3f} = {row['fwd_ratio']:.2f}   bwd {row['bwd_bytes'] / 2**20:8.3f} MiB"
+                f" / {row['bwd_formula'] / 2**20:8.3f} = {row['bwd_ratio']:.2f}   (ranks: fwd "
+                f"{row['fwd_ratio_range'][0]:.2f}-{row['fwd_ratio_range'][1]:.2f}, bwd "
+                f"{row['bwd_ratio_range'][0]:.2f}-{row['bwd_ratio_range'][1]:.2f})",
+                flush=True,
+            )
+    report = {
+        "machine": machine_name("cpu"),
+        "torch": torch.__version__,
+        "backend": "gloo",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "results": rows,
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {opts.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
