@@ -1,0 +1,66 @@
+"""The benchmarks' quick modes, as `make bench` and BENCHMARKS.md use them: the efficiency table's arithmetic and
+schema, and the communication volume of every mode in bf16 (K/V in bf16, dK/dV partial sums in float32) equal to
+its formula exactly."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _import(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return __import__(name)
+
+
+def test_attention_efficiency_quick(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        report = _import("attention_efficiency").main(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--worlds",
+                "2,4",
+                "--modes",
+                "ring,ulysses,usp",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads(json.dumps(report))
+    rows = report["results"]
+    want = {(p, m, k) for p in (2, 4) for m in ("ring", "ulysses", "usp") for k in ("unpacked", "packed")}
+    want -= {(2, "usp", "unpacked"), (2, "usp", "packed")}  # usp needs P >= 4
+    assert {(r["world"], r["mode"], r["packing"]) for r in rows} == want
+    for r in rows:
+        assert r["efficiency_fwd"] == pytest.approx(r["monolithic_fwd_s"] / (r["world"] * r["slowest_rank_fwd_s"]))
+        assert r["efficiency_fwd_bwd"] == pytest.approx(
+            r["monolithic_fwd_bwd_s"] / (r["world"] * r["slowest_rank_fwd_bwd_s"])
+        )
+        assert r["slowest_rank_fwd_bwd_s"] > r["slowest_rank_fwd_s"] > 0
+        assert (r["documents"] is None) == (r["packing"] == "unpacked")
+    assert all(r["documents"] >= 256 // (2 * 64) for r in rows if r["documents"])
+
+
+def _body_comm(mode):
+    sys.path.insert(0, str(BENCHMARKS))
+    import comm_volume
+
+    return comm_volume.measure(mode, seq=64, heads=8, kv_heads=2, head_dim=16, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("mode", ["ring", "allgather", "ulysses"])
+def test_comm_volume_equals_the_formula_in_bf16(ranks, mode):
+    for row in ranks.run(_body_comm, mode):
+        assert row["fwd_bytes"] == row["fwd_formula"] and row["bwd_bytes"] == row["bwd_formula"], row
