@@ -63,6 +63,36 @@ FAMILIES = {
             "layer_types": ["sliding_attention", "full_attention"],
         },
     ),
+    "deepseek_v3": (  # MLA: query/key head_dim 24 (16 + 8 rope), value head_dim 16
+        "DeepseekV3Config",
+        {
+            "num_key_value_heads": 4,
+            "head_dim": 8,  # the rotary part
+            "kv_lora_rank": 16,
+            "q_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "moe_intermediate_size": 32,
+        },
+    ),
+    "llama4": (  # chunked attention (block-diagonal causal, chunk 8) on RoPE layers, a NoPE full layer
+        "Llama4TextConfig",
+        {
+            "attention_chunk_size": SEQ_WINDOW,
+            "attn_temperature_tuning": False,
+            "no_rope_layers": [1, 0],
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+            "intermediate_size_mlp": 96,
+        },
+    ),
 }
 
 

@@ -179,3 +179,15 @@ def _body_collectives_per_forward(mode):
 def test_only_attention_collectives_per_forward(ranks, mode, expected):
     for calls in ranks.run(_body_collectives_per_forward, mode):
         assert calls == expected
+
+
+def test_llama4_temperature_tuning_is_refused():
+    """Llama-4 scales NoPE-layer queries by the token's index in the tensor: on a shard that index is wrong."""
+    from models_zoo import FAMILIES
+
+    cls, extra = FAMILIES["llama4"]
+    small = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, intermediate_size_mlp=32, vocab_size=64)
+    config = getattr(transformers, cls)(**{**extra, **small, "attn_temperature_tuning": True})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(NotImplementedError, match=r"^hf_seqpar: .*attn_temperature_tuning=False"):
+        hf_seqpar.apply_sequence_parallel(model, config=CFG1, groups=SINGLE)

@@ -68,15 +68,17 @@ class SeqParState:
     _stack: list = field(default_factory=list)
 
     def documents(self, offsets: torch.Tensor, chunk: int | None = None):
-        """Document offsets per row as tuples (None for one document per row); with `chunk`, every row is also
-        cut at multiples of it (Llama-4 chunked attention: block-diagonal causal blocks from the row start)."""
+        """Document offsets per row as tuples (None for one document per row); with `chunk`, every document is
+        also cut every `chunk` tokens (Llama-4 chunked attention: block-diagonal causal blocks)."""
         if self._docs_cache[0] is not offsets or self._docs_cache[1] != chunk:
             rows = []
             for row in offsets.tolist():
                 while len(row) > 2 and row[-1] == row[-2]:  # right padding by repetition
                     row.pop()
-                if chunk:
-                    row = sorted(set(row).union(range(0, row[-1], chunk)))
+                if chunk:  # chunks count from each document's start, as when the document runs alone
+                    row = sorted(
+                        {p for a, b in zip(row, row[1:], strict=False) for p in range(a, b, chunk)} | {row[-1]}
+                    )
                 rows.append(tuple(row))
             single_doc = all(len(r) == 2 for r in rows)
             self._docs_cache[:] = [offsets, chunk, None if single_doc else tuple(rows)]
