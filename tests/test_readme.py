@@ -24,6 +24,10 @@ def _features(family: str) -> str:
         found.append("softcap")
     if family == "gpt_oss":
         found.append("attention sinks")
+    if "v_head_dim" in extra:
+        found.append("MLA (value head_dim != query head_dim)")
+    if "attention_chunk_size" in extra:
+        found.append("chunked attention, NoPE layer")
     return ", ".join(found) or "-"
 
 
