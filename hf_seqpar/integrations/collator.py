@@ -118,6 +118,7 @@ class SequenceShardingCollator:
         groups: SeqParGroups,
         pad_token_id: int = 0,
         allow_random: bool = False,
+        keep_unsharded: bool = False,
     ) -> None:
         if config.sp_size != groups.sp_size:
             raise ValueError(f"config.sp_size={config.sp_size} but the groups have sp_size={groups.sp_size}")
@@ -132,6 +133,7 @@ class SequenceShardingCollator:
         self.config = config
         self.groups = groups
         self.pad_token_id = pad_token_id
+        self.keep_unsharded = keep_unsharded
         self.multiple = layout.required_multiple(config.sp_size, config.resolved_layout)
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
@@ -153,8 +155,10 @@ class SequenceShardingCollator:
             k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == (b, s)
         ]
         idx = torch.arange(s).expand(b, s)
+        base_labels = batch.get("labels")
 
         pad = torch.zeros(b, s, dtype=torch.bool)
+        lead, mask_sum = torch.zeros(b, dtype=torch.long), None
         if isinstance(batch.get("attention_mask"), torch.Tensor):
             real = batch["attention_mask"] != 0
             lead = (real.cumsum(1) == 0).sum(1)  # leading pad tokens of each row (left padding)
@@ -167,10 +171,10 @@ class SequenceShardingCollator:
                     "left or right padding can be sharded"
                 )
             if lead.any():  # left padding -> right padding: roll each row left by its pad count
-                rolled = (idx + lead[:, None]) % s
                 for key in seq_keys:
-                    batch[key] = _row_gather(batch[key], rolled)
+                    batch[key] = _roll_left(batch[key], lead)
             pad = idx >= n_real[:, None]
+            mask_sum = int(n_real.sum())
 
         labels = batch.get("labels", batch["input_ids"]).masked_fill(pad, IGNORE_INDEX)
         if "shift_labels" in batch:
@@ -221,4 +225,6 @@ class SequenceShardingCollator:
             batch[key] = layout.shard(batch[key], placement, self.groups.sp_rank, dim=1)
         batch["labels"] = batch["shift_labels"]  # a Trainer counting `labels` then counts each target once
         batch["seqpar_cu_seqlens"] = cu_seqlens
+        if self.keep_unsharded:
+            batch[UNSHARDED_KEY] = UnshardedRows(s, s_pad, lead, base_labels, mask_sum)
         return batch

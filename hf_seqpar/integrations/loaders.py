@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .collator import SequenceShardingCollator
+from .collator import SequenceShardingCollator, collator_chain
 from .hooks import ORIGINAL_ATTR, check_params, install, versions
 
 PREPARE_BINDINGS = ("accelerate.data_loader", "accelerate.accelerator", "accelerate")
@@ -17,15 +17,8 @@ PREPARE_PARAMS = ("dataloader", "num_processes", "process_index", "dispatch_batc
 
 
 def find_seqpar_collator(collate_fn) -> SequenceShardingCollator | None:
-    """The SequenceShardingCollator that `collate_fn` is, or wraps (transformers' RemoveColumnsCollator keeps the
-    wrapped collator in `.data_collator`)."""
-    seen = set()
-    while collate_fn is not None and id(collate_fn) not in seen:
-        if isinstance(collate_fn, SequenceShardingCollator):
-            return collate_fn
-        seen.add(id(collate_fn))
-        collate_fn = getattr(collate_fn, "data_collator", None)
-    return None
+    """The SequenceShardingCollator that `collate_fn` is, or wraps."""
+    return next((c for c in collator_chain(collate_fn) if isinstance(c, SequenceShardingCollator)), None)
 
 
 def _dp_sharded(prepare_data_loader):

@@ -9,7 +9,6 @@ makes each rank's loss `local_sum / N * world_size`; DDP / FSDP / ZeRO average g
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
@@ -18,8 +17,9 @@ import torch.distributed as dist
 from ..config import SeqParConfig
 from ..mesh import SeqParGroups, init_groups
 from .collator import SequenceShardingCollator
-from .evaluation import exact_compute_loss, sp_aware_gather_for_metrics
+from .evaluation import EvalState, exact_compute_loss, exact_evaluation_loop, exact_prediction_step
 from .hooks import check_params, install, versions, world_size
+from .logs import honest_logs
 from .transformers import apply_sequence_parallel
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,24 @@ CONFIG_ATTR = "__hf_seqpar_config__"
 GROUPS_ATTR = "__hf_seqpar_groups__"
 TRAINER_INIT_PARAMS = ("model", "args", "data_collator")
 COMPUTE_LOSS_PARAMS = ("model", "inputs", "return_outputs", "num_items_in_batch")
-ARGS_FIELDS = ("average_tokens_across_devices", "label_smoothing_factor", "eval_use_gather_object")
+# The Trainer methods attach() wraps per instance (evaluation.py, logs.py), with the parameters the wraps rely on.
+TRAINER_METHODS = {
+    "prediction_step": ("model", "inputs", "prediction_loss_only", "ignore_keys"),
+    "evaluation_loop": ("dataloader",),
+    "predict": ("test_dataset",),
+    "log": ("logs",),
+    "call_model_init": (),
+    "get_total_train_batch_size": ("args",),
+    "floating_point_ops": ("inputs",),
+    "_track_num_input_tokens": ("inputs",),
+}
+ARGS_FIELDS = (
+    "average_tokens_across_devices",
+    "label_smoothing_factor",
+    "eval_use_gather_object",
+    "include_for_metrics",
+    "include_num_input_tokens_seen",
+)
 
 
 def _groups(config: SeqParConfig, cache: dict) -> SeqParGroups:
@@ -56,6 +73,22 @@ def _pad_token_id(trainer) -> int:
     return text_config.pad_token_id if getattr(text_config, "pad_token_id", None) is not None else 0
 
 
+def _resolved_for(model, config: SeqParConfig) -> SeqParConfig:
+    text_config = model.config.get_text_config()
+    heads = text_config.num_attention_heads
+    return config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
+
+
+def _switch_model_init(trainer, config: SeqParConfig, groups: SeqParGroups) -> None:
+    """`train()` re-creates the model with `model_init` (a hyperparameter search, once per trial): switch each."""
+    call_model_init = trainer.call_model_init
+
+    def call_model_init_sp(*args, **kwargs):
+        return apply_sequence_parallel(call_model_init(*args, **kwargs), config=config, groups=groups)
+
+    trainer.call_model_init = call_model_init_sp
+
+
 def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
     """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
     args = trainer.args
@@ -69,7 +102,14 @@ def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
             "train_sampling_strategy='batch_rebalance' deals batches by global rank, so the ranks of a sequence-"
             "parallel group would get different samples; use 'random' or 'group_by_length'"
         )
-    if not trainer.model_accepts_loss_kwargs and trainer.compute_loss_func is None:
+    if trainer.compute_loss_func is not None:
+        raise ValueError(
+            "hf_seqpar: a custom compute_loss_func would receive this rank's sequence shard of the logits, with "
+            "labels already shifted on the whole row, and cannot be made exact without knowing what it computes; "
+            "remove it and let the model compute the loss (it gets shift_labels and num_items_in_batch), or subclass "
+            "the Trainer and override compute_loss using inputs['shift_labels']"
+        )
+    if not trainer.model_accepts_loss_kwargs:
         raise ValueError(
             f"{type(trainer.model).__name__}.forward takes no **kwargs, so the Trainer cannot pass num_items_in_batch "
             "and every rank would average its own shard; sequence parallelism needs a model that accepts loss kwargs"
@@ -77,20 +117,25 @@ def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
     if not args.average_tokens_across_devices:
         logger.warning("hf_seqpar: setting average_tokens_across_devices=True (exact loss needs the world's count)")
         args.average_tokens_across_devices = True
-    if trainer.compute_metrics is not None:
-        logger.warning("hf_seqpar: compute_metrics sees this rank's sequence shards of logits and labels")
     groups = _groups(config, groups_cache)
+    config = _resolved_for(trainer.model, config)  # once: the model, collator, metrics and logs share it
     apply_sequence_parallel(trainer.model, config=config, groups=groups)
-    if not isinstance(trainer.data_collator, SequenceShardingCollator):
+    _switch_model_init(trainer, config, groups)
+    if isinstance(trainer.data_collator, SequenceShardingCollator):
+        trainer.data_collator.keep_unsharded = True
+    else:
         trainer.data_collator = SequenceShardingCollator(
-            trainer.data_collator, config=config, groups=groups, pad_token_id=_pad_token_id(trainer)
+            trainer.data_collator,
+            config=config,
+            groups=groups,
+            pad_token_id=_pad_token_id(trainer),
+            keep_unsharded=True,  # the record of the plain batch that eval metrics and token counts need
         )
-    trainer.compute_loss = exact_compute_loss(trainer, config, groups)
-    # evaluation_loop gathers eval losses with `trainer.gather_function` and later resets it from the accelerator.
-    trainer.accelerator.gather_for_metrics = sp_aware_gather_for_metrics(trainer.accelerator)
-    trainer.gather_function = functools.partial(
-        trainer.accelerator.gather_for_metrics, use_gather_object=args.eval_use_gather_object
-    )
+    state = EvalState(config=config, groups=groups)
+    trainer.compute_loss = exact_compute_loss(trainer, state)
+    trainer.prediction_step = exact_prediction_step(trainer, state)
+    trainer.evaluation_loop = exact_evaluation_loop(trainer, state)
+    honest_logs(trainer, state)
 
 
 def _attaching_init(config: SeqParConfig):
@@ -125,12 +170,15 @@ def install_trainer_hook(config: SeqParConfig) -> None:
     check_params(Trainer.__init__, TRAINER_INIT_PARAMS, "transformers.Trainer.__init__")
     check_params(Trainer.compute_loss, COMPUTE_LOSS_PARAMS, "transformers.Trainer.compute_loss")
     missing = [name for name in ARGS_FIELDS if name not in TrainingArguments.__dataclass_fields__]
-    missing += [name for name in ("active_dataloader", "remainder") if not hasattr(GradientState, name)]
+    missing += [name for name in ("end_of_dataloader", "remainder") if not hasattr(GradientState, name)]
+    missing += [name for name in TRAINER_METHODS if not hasattr(Trainer, name)]
     if missing:
         raise RuntimeError(
-            f"hf_seqpar needs TrainingArguments / Accelerator attributes {missing}, gone in {versions()}"
+            f"hf_seqpar needs TrainingArguments / Accelerator / Trainer attributes {missing}, gone in {versions()}"
         )
     check_params(Accelerator.gather_for_metrics, ("input_data", "use_gather_object"), "Accelerator.gather_for_metrics")
+    for name, params in TRAINER_METHODS.items():
+        check_params(getattr(Trainer, name), params, f"transformers.Trainer.{name}")
     active = getattr(Trainer.__init__, CONFIG_ATTR, None)
     if active is not None and active != config:
         raise ValueError(f"hf_seqpar is already active with {active}; cannot switch to {config} in one process")
