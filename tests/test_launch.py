@@ -106,6 +106,12 @@ def assert_same_curve(got: list[dict], want: list[dict], steps=(1, 2, 3, 4)) -> 
     assert {(step, key) for step, key, *_ in pairs} >= {(s, k) for s in steps for k in ("loss", "grad_norm")}
     bad = [p for p in pairs if abs(p[2] - p[3]) > RTOL * abs(p[3])]
     assert bad == [], f"(step, key, got, plain) beyond rtol={RTOL}: {bad}"
+    # Counts the Trainer / TRL derive from the world size and the batches: exactly the plain run's (test_logs.py
+    # checks every logged number of one script; these are the ones every launch test can check for free).
+    counts = ("epoch", "num_tokens", "num_input_tokens_seen", "total_flos")
+    rows = zip(got, want, strict=True)
+    pairs = [(row["step"], k, row.get(k), ref[k]) for row, ref in rows for k in counts if k in ref]
+    assert [p for p in pairs if p[2] != p[3]] == [], "(step, key, got, plain) of the counts"
 
 
 # ---- plain runs (no hf_seqpar anywhere) -------------------------------------------------------------------------
@@ -171,6 +177,30 @@ def test_trl_sft_script_with_lora_matches_plain_run(assets, plain_sft_logs, mode
     assert_same_curve(trl_log(out), plain_sft_logs(packing))
 
 
+def test_trl_sft_script_with_its_own_bf16_default_matches_plain_run(assets, plain_sft_logs):
+    """TRL's sft.py as users run it: bf16=True autocast over float32 weights (CPU autocast here). SP must agree with
+    the plain bf16 run within a small multiple of what bf16 itself changes (plain bf16 vs the plain float32 run)."""
+    logs = {}
+    for name, section in (("plain", None), ("sp", {"sp_size": 2, "mode": "ring"})):
+        out = assets.root / f"bf16_sft_{name}"
+        cmd = sft_cmd(assets, out, False)
+        at = cmd.index("--bf16")
+        del cmd[at : at + 2]  # the client script's own default: bf16=True
+        del cmd[cmd.index("--dtype") : cmd.index("--dtype") + 2]
+        if section is None:
+            _run([sys.executable, *cmd], assets, out)
+        else:
+            launch_sp(assets, f"{out.name}_launch", 2, section, cmd)
+        logs[name] = trl_log(out)
+    fp32 = plain_sft_logs(False)
+    for key in ("loss", "grad_norm"):
+        for sp, plain, ref in zip(logs["sp"], logs["plain"], fp32, strict=True):
+            if key in plain:
+                bf16_effect = abs(plain[key] - ref[key]) / abs(ref[key])
+                # 4x what bf16 itself changes, floored at one bf16 rounding (2**-8)
+                assert abs(sp[key] - plain[key]) / abs(plain[key]) <= 4 * max(bf16_effect, 2**-8), (key, sp, plain)
+
+
 def test_dp2_sp2_sees_every_sample_once_and_matches_plain_dp2(assets):
     # Plain DP=2 is torchrun on the script itself, without hf_seqpar: a baseline that shares no code with SP.
     plain, sp = assets.root / "plain_dp2", assets.root / "sp_dp2"
@@ -203,9 +233,25 @@ def test_resume_from_checkpoint_reproduces_the_remaining_losses(assets, ring_tra
     assert_same_curve(resumed, uninterrupted, steps=(3, 4))
 
 
+def _first_step_mean_loss(assets, rows: int) -> tuple[float, list[int]]:
+    """The plain model's mean token loss over the first `rows` rows of the train file, and each row's targets."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model)
+    model = AutoModelForCausalLM.from_pretrained(assets.model, dtype=torch.float32)
+    lines = (assets.data / "train.jsonl").read_text().splitlines()[:rows]
+    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)([tokenizer(json.loads(t)["text"]) for t in lines])
+    targets = (batch["labels"][:, 1:] != -100).sum(1)
+    with torch.no_grad():
+        loss_sum = model(**batch, num_items_in_batch=1).loss  # summed over every target of the rows
+    return loss_sum.item() / targets.sum().item(), targets.tolist()
+
+
 def test_plugin_switches_a_custom_accelerate_loop(assets):
+    # 2 micro-batches of 2 rows per optimizer step: the loss is the step's token mean (N over the whole step)
     script = ROOT / "tests" / "scripts" / "accelerate_loop.py"
-    args = ["--model_dir", assets.model, "--train_file", assets.data / "train.jsonl"]
+    args = ["--model_dir", assets.model, "--train_file", assets.data / "train.jsonl", "--grad_accum", "2"]
+    args += ["--batch_size", "2"]
     plain, sp = assets.root / "plugin_plain", assets.root / "plugin_sp"
     _run([sys.executable, script, *args, "--log_file", plain / "log.json"], assets, plain)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -217,6 +263,18 @@ def test_plugin_switches_a_custom_accelerate_loop(assets):
     assert_same_curve(
         [{**r, "step": i} for i, r in enumerate(got, 1)], [{**r, "step": i} for i, r in enumerate(want, 1)]
     )
+    step_mean, targets = _first_step_mean_loss(assets, rows=4)
+    assert sum(targets[:2]) != sum(targets[2:])  # so a per-micro-batch mean would differ
+    assert abs(got[0]["loss"] - step_mean) <= RTOL * step_mean
+
+
+def test_plugin_refuses_gradient_accumulation_without_the_step_count():
+    from hf_seqpar import SequenceParallelPlugin
+
+    plugin = SequenceParallelPlugin(SeqParConfig(sp_size=1))
+    plugin.accelerator = SimpleNamespace(gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match=r"^hf_seqpar: with gradient_accumulation_steps=4 .* num_items_in_batch="):
+        plugin.loss(None, {"labels": torch.zeros(1, 4, dtype=torch.long)})
 
 
 # ---- errors, configs and the hooks themselves (in this process, no launch) --------------------------------------
