@@ -21,6 +21,7 @@ from .evaluation import EvalState, exact_compute_loss, exact_evaluation_loop, ex
 from .hooks import check_params, install, versions, world_size
 from .logs import honest_logs
 from .transformers import apply_sequence_parallel
+from .trl import adapt_trl_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def _switch_model_init(trainer, config: SeqParConfig, groups: SeqParGroups) -> N
 
 def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
     """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
+    if adapt_trl_trainer(trainer, config, _groups(config, groups_cache)):  # DPO / KTO: whole-sequence path
+        return
     args = trainer.args
     if args.label_smoothing_factor:
         raise ValueError(
