@@ -17,7 +17,10 @@ import sys
 from collections.abc import Sequence
 
 RUN_USAGE = "usage: python -m hf_seqpar script.py [args] | python -m hf_seqpar -m module [args]  (reads HF_SEQPAR_*)"
-CLI_USAGE = "usage: hf-seqpar launch [accelerate launch options] script.py [script args]"
+CLI_USAGE = (
+    "usage: hf-seqpar launch [accelerate launch options] script.py [script args]\n"
+    "       hf-seqpar estimate --model CONFIG_OR_PRESET --seq-len N --gpus G [--gpu h100|h200|a100] [--lora] ..."
+)
 
 
 def run(argv: Sequence[str]) -> None:
@@ -69,6 +72,10 @@ def _destroy_process_groups() -> None:
 def cli(argv: Sequence[str] | None = None) -> None:
     """The `hf-seqpar` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["estimate"]:
+        from .estimate import cli as estimate  # arithmetic on a config: no torch.distributed, no transformers
+
+        return estimate(argv[1:])
     if not argv or argv[0] != "launch":
         print(CLI_USAGE, file=sys.stderr)
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
