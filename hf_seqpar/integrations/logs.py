@@ -85,14 +85,15 @@ def _plain_eval_steps(trainer, state: EvalState, metrics: dict) -> None:
 
 def _trl_num_tokens(trainer, state: EvalState):
     """TRL's SFTTrainer adds `attention_mask.sum()` (or, padding-free, `position_ids.size(1)`) gathered over the
-    world to its num_tokens inside compute_loss; replace the sharded batch's count with the plain batch's."""
+    world to its num_tokens inside compute_loss; replace the sharded batch's count with the plain batch's. (Its
+    counter appears after Trainer.__init__, where the switch happens: looked up at each call.)"""
     compute_loss = trainer.compute_loss
 
     def compute_loss_counting_plain_tokens(model, inputs, *args, **kwargs):
         rows = inputs.get(UNSHARDED_KEY)
-        before = trainer._total_train_tokens
+        before = getattr(trainer, "_total_train_tokens", None)
         result = compute_loss(model, inputs, *args, **kwargs)
-        if trainer.model.training and rows is not None:
+        if before is not None and hasattr(trainer, "_metrics") and trainer.model.training and rows is not None:
             count = rows.seq_len if rows.attention_mask_sum is None else rows.attention_mask_sum
             tokens = _sum_over_dp(count, state, trainer.args.device) // getattr(trainer, "_tp_size", 1)
             trainer._total_train_tokens = before + tokens
@@ -120,5 +121,4 @@ def honest_logs(trainer, state: EvalState) -> None:
         return output
 
     trainer.log, trainer.predict = log_sp, predict_sp
-    if hasattr(trainer, "_total_train_tokens") and hasattr(trainer, "_metrics"):
-        trainer.compute_loss = _trl_num_tokens(trainer, state)
+    trainer.compute_loss = _trl_num_tokens(trainer, state)
