@@ -60,7 +60,7 @@ def _groups(config: SeqParConfig, cache: dict) -> SeqParGroups:
         hint = (
             " (this process is not in a distributed launch: use hf-seqpar launch, or torchrun)" if world == 1 else ""
         )
-        raise ValueError(f"sp_size={config.sp_size} must divide world_size={world}{hint}")
+        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world}{hint}")
     if cache.get("world") is not dist.group.WORLD:
         cache.update(world=dist.group.WORLD, groups=init_groups(config))
     return cache["groups"]
@@ -90,20 +90,17 @@ def _switch_model_init(trainer, config: SeqParConfig, groups: SeqParGroups) -> N
     trainer.call_model_init = call_model_init_sp
 
 
-def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
-    """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
-    if adapt_trl_trainer(trainer, config, _groups(config, groups_cache)):  # DPO / KTO: whole-sequence path
-        return
+def _refuse_what_cannot_be_exact(trainer) -> None:
     args = trainer.args
     if args.label_smoothing_factor:
         raise ValueError(
-            f"label_smoothing_factor={args.label_smoothing_factor} re-shifts the labels of each sequence shard, which "
-            "is not exact under sequence parallelism; set it to 0"
+            f"hf_seqpar: label_smoothing_factor={args.label_smoothing_factor} re-shifts the labels of each sequence "
+            "shard, which is not exact under sequence parallelism; set it to 0"
         )
     if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
         raise ValueError(
-            "train_sampling_strategy='batch_rebalance' deals batches by global rank, so the ranks of a sequence-"
-            "parallel group would get different samples; use 'random' or 'group_by_length'"
+            "hf_seqpar: train_sampling_strategy='batch_rebalance' deals batches by global rank, so the ranks of a "
+            "sequence-parallel group would get different samples; use 'random' or 'group_by_length'"
         )
     if trainer.compute_loss_func is not None:
         raise ValueError(
@@ -114,9 +111,18 @@ def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
         )
     if not trainer.model_accepts_loss_kwargs:
         raise ValueError(
-            f"{type(trainer.model).__name__}.forward takes no **kwargs, so the Trainer cannot pass num_items_in_batch "
-            "and every rank would average its own shard; sequence parallelism needs a model that accepts loss kwargs"
+            f"hf_seqpar: {type(trainer.model).__name__}.forward takes no **kwargs, so the Trainer cannot pass "
+            "num_items_in_batch and every rank would average its own shard; sequence parallelism needs a model that "
+            "accepts loss kwargs"
         )
+
+
+def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
+    """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
+    if adapt_trl_trainer(trainer, config, _groups(config, groups_cache)):  # DPO / KTO: whole-sequence path
+        return
+    _refuse_what_cannot_be_exact(trainer)
+    args = trainer.args
     if not args.average_tokens_across_devices:
         logger.warning("hf_seqpar: setting average_tokens_across_devices=True (exact loss needs the world's count)")
         args.average_tokens_across_devices = True
@@ -184,5 +190,5 @@ def install_trainer_hook(config: SeqParConfig) -> None:
         check_params(getattr(Trainer, name), params, f"transformers.Trainer.{name}")
     active = getattr(Trainer.__init__, CONFIG_ATTR, None)
     if active is not None and active != config:
-        raise ValueError(f"hf_seqpar is already active with {active}; cannot switch to {config} in one process")
+        raise ValueError(f"hf_seqpar: already active with {active}; cannot switch to {config} in one process")
     install(Trainer, "__init__", _attaching_init(config))
