@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,20 @@ demo: $(STAMP)
 	$(PY) -m hf_seqpar.demo
 
 bench: $(STAMP)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib  # the benchmarks' PNG plots
 	$(PY) benchmarks/run_all.py
+
+# On a machine with a CUDA GPU, one command (< 10 min on one H100): the GPU tests, then the GPU attention benchmark,
+# with that machine's own torch (none of .venv). pytest comes from .whl/ (`make gpu-wheels` here) when it lacks it.
+GPU_PYTHON ?= python3
+GPU_SEQS ?= 16384,65536,131072
+gpu-check:
+	$(GPU_PYTHON) -c "import pytest" 2>/dev/null || $(GPU_PYTHON) -m pip install -q --no-index --find-links .whl pytest
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m pytest -q -m gpu tests/gpu
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/attention_efficiency.py --device cuda --seqs $(GPU_SEQS) --iters 2
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary :all: --dest .whl pytest
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

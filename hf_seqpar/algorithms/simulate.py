@@ -24,9 +24,10 @@ from .ulysses import kv_heads_for_split
 class RankClock:
     """Seconds spent by each rank; on CUDA the device is synchronized around every timed piece."""
 
-    def __init__(self, world: int, device: torch.device):
+    def __init__(self, world: int, device: torch.device, timed: bool = True):
         self.seconds = [0.0] * world
-        self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        cuda = torch.device(device).type == "cuda"
+        self._sync = torch.cuda.synchronize if cuda and timed else (lambda: None)
 
     @contextlib.contextmanager
     def rank(self, r: int):
@@ -194,11 +195,14 @@ def _allgather(q, k, v, dout, placement: Placement, args: AttnArgs, clock_fwd, c
     return result
 
 
-def simulate(q, k, v, *, mode: str, world: int, args: AttnArgs, layout: str = "zigzag", ulysses: int = 1, dout=None):
+def simulate(
+    q, k, v, *, mode: str, world: int, args: AttnArgs, layout: str = "zigzag", ulysses: int = 1, dout=None, timed=True
+):
     """Full q [B, S, H, D], k/v [B, S, Hkv, D] -> {"out", "grads" (with dout), "fwd_seconds", "bwd_seconds"}, the
-    seconds per rank. mode: ring | allgather | ulysses | usp (`ulysses` = the Ulysses degree of usp)."""
+    seconds per rank. mode: ring | allgather | ulysses | usp (`ulysses` = the Ulysses degree of usp). `timed=False`:
+    no device syncs (the seconds then only count host time)."""
     placement = Placement.build(q.shape[1], world, layout)
-    clock_fwd, clock_bwd = RankClock(world, q.device), RankClock(world, q.device)
+    clock_fwd, clock_bwd = RankClock(world, q.device, timed), RankClock(world, q.device, timed)
     if mode == "allgather":
         result = _allgather(q, k, v, dout, placement, args, clock_fwd, clock_bwd)
     else:

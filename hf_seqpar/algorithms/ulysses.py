@@ -15,6 +15,13 @@ from .comm import HeadsToSeq, SeqToHeads
 from .ring import AttnArgs, RingAttention
 
 
+def _repeat_heads(k: torch.Tensor, times: int) -> torch.Tensor:
+    """Each head `times` times in a row ([B, c, Hkv, D] -> [B, c, Hkv * times, D]): a broadcast copy, so no repeat
+    counts are read back from the device; autograd sums the copies' gradients."""
+    b, c, h, d = k.shape
+    return k.unsqueeze(3).expand(b, c, h, times, d).reshape(b, c, h * times, d)
+
+
 def kv_heads_for_split(k: torch.Tensor, heads_q: int, ulysses: int) -> torch.Tensor:
     """K/V heads laid out so that the all-to-all hands every rank the key heads its query heads use.
 
@@ -24,10 +31,9 @@ def kv_heads_for_split(k: torch.Tensor, heads_q: int, ulysses: int) -> torch.Ten
     heads_kv = k.shape[2]
     if heads_kv % ulysses == 0:
         return k
-    group = heads_q // heads_kv
-    if ulysses % heads_kv == 0:  # rank r needs key head r // (u / heads_kv): each repeated, in order (no index
-        return k.repeat_interleave(ulysses // heads_kv, dim=2)  # tensor, so no host-to-device copy)
-    return k.repeat_interleave(group, dim=2)
+    if ulysses % heads_kv == 0:  # rank r needs key head r // (u / heads_kv)
+        return _repeat_heads(k, ulysses // heads_kv)
+    return _repeat_heads(k, heads_q // heads_kv)
 
 
 def ulysses_attention(
