@@ -13,7 +13,9 @@ from .mesh import SeqParGroups, init_groups
 _LAZY = {  # name -> module that defines it (imports transformers / accelerate)
     "SequenceShardingCollator": ".integrations.collator",
     "SequenceParallelPlugin": ".integrations.plugin",
+    "apply_memory_savings": ".integrations.memory",
     "apply_sequence_parallel": ".integrations.transformers",
+    "remove_memory_savings": ".integrations.memory",
     "remove_sequence_parallel": ".integrations.transformers",
 }
 
@@ -22,9 +24,11 @@ __all__ = [
     "SeqParGroups",
     "SequenceParallelPlugin",
     "SequenceShardingCollator",
+    "apply_memory_savings",
     "apply_sequence_parallel",
     "gather_sequence",
     "init_groups",
+    "remove_memory_savings",
     "remove_sequence_parallel",
     "sequence_parallel_attention",
     "shard_sequence",

@@ -12,6 +12,8 @@ BACKENDS = ("auto", "torch", "flash_attn")
 
 _ENV_PREFIX = "HF_SEQPAR_"
 _INT_FIELDS = ("sp_size", "ulysses_size", "ring_size")
+_BOOL_FIELDS = ("chunked_loss", "tiled_mlp", "offload_checkpoints")  # the savings of hf_seqpar.memory, any sp_size
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,10 +33,26 @@ class SeqParConfig:
         metadata={"help": "Token placement: zigzag | contiguous | auto (zigzag when a ring or all-gather is used)."},
     )
     backend: str = field(default="auto", metadata={"help": "Local attention kernel: auto | torch | flash_attn."})
+    chunked_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Training loss over sequence chunks, logits recomputed in backward: no [tokens, vocab] logits."
+        },
+    )
+    tiled_mlp: bool = field(
+        default=False, metadata={"help": "Each decoder MLP over sequence chunks, recomputed in backward."}
+    )
+    offload_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Keep the activations gradient checkpointing saves in (pinned) CPU memory."},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.sp_size, int) or self.sp_size < 1:
             raise ValueError(f"sp_size={self.sp_size!r} must be a positive integer")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         for name, allowed in (("mode", MODES), ("layout", LAYOUTS), ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -115,11 +133,19 @@ class SeqParConfig:
             )
         return cfg
 
+    @property
+    def memory_savings(self) -> tuple[str, ...]:
+        """The names of the memory savings switched on (they apply at any sp_size, 1 included)."""
+        return tuple(name for name in _BOOL_FIELDS if getattr(self, name))
+
     def describe(self) -> str:
+        savings = "".join(f" {name}" for name in self.memory_savings)
         if self.mode == "auto":
-            return f"sp_size={self.sp_size} mode=auto layout={self.resolved_layout}"
+            return f"sp_size={self.sp_size} mode=auto layout={self.resolved_layout}{savings}"
         u, r = self.split
-        return f"sp_size={self.sp_size} mode={self.mode} (ulysses {u} x ring {r}) layout={self.resolved_layout}"
+        return (
+            f"sp_size={self.sp_size} mode={self.mode} (ulysses {u} x ring {r}) layout={self.resolved_layout}{savings}"
+        )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> SeqParConfig:
@@ -135,14 +161,21 @@ class SeqParConfig:
                     kwargs[f.name] = int(raw)
                 except ValueError:
                     raise ValueError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r} must be an integer") from None
+            elif f.name in _BOOL_FIELDS:
+                if raw.lower() not in _TRUE + _FALSE:
+                    raise ValueError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r} must be one of {_TRUE + _FALSE}")
+                kwargs[f.name] = raw.lower() in _TRUE
             else:
                 kwargs[f.name] = raw
         return cls(**kwargs)
 
     def to_env(self) -> dict[str, str]:
-        """The `HF_SEQPAR_*` variables that `from_env` reads back into this config."""
+        """The `HF_SEQPAR_*` variables that `from_env` reads back into this config (savings only when on)."""
         return {
-            _ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
+            _ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)).lower()
+            if f.name in _BOOL_FIELDS
+            else str(getattr(self, f.name))
             for f in dataclasses.fields(self)
             if getattr(self, f.name) is not None
+            and not (f.name in _BOOL_FIELDS and getattr(self, f.name) == f.default)
         }

@@ -18,9 +18,11 @@ PUBLIC_NAMES = [
     "SeqParGroups",
     "SequenceParallelPlugin",
     "SequenceShardingCollator",
+    "apply_memory_savings",
     "apply_sequence_parallel",
     "gather_sequence",
     "init_groups",
+    "remove_memory_savings",
     "remove_sequence_parallel",
     "sequence_parallel_attention",
     "shard_sequence",
@@ -114,6 +116,9 @@ def test_config_fields_defaults_and_keyword_only():
         "ring_size": None,
         "layout": "auto",
         "backend": "auto",
+        "chunked_loss": False,
+        "tiled_mlp": False,
+        "offload_checkpoints": False,
     }
     assert {kind for kind, _ in _params(hf_seqpar.SeqParConfig).values()} == {P.KEYWORD_ONLY}
     assert all(f.metadata.get("help") for f in dataclasses.fields(hf_seqpar.SeqParConfig))  # doubles as CLI help

@@ -24,6 +24,7 @@ from ..mesh import SeqParGroups, init_groups
 from .collator import IGNORE_INDEX, SequenceShardingCollator
 from .hooks import world_size
 from .loaders import install_data_loader_hook
+from .memory import apply_memory_savings
 from .transformers import apply_sequence_parallel
 
 
@@ -59,6 +60,8 @@ class SequenceParallelPlugin:
                         )
                 elif isinstance(obj, torch.nn.Module):
                     apply_sequence_parallel(obj, config=self.config, groups=self.groups)
+        for model in [obj for obj in objects if isinstance(obj, torch.nn.Module)]:  # memory savings: any sp_size
+            apply_memory_savings(model, self.config)
         return accelerator.prepare(*objects)
 
     def num_items_in_batch(self, *batches) -> torch.Tensor:

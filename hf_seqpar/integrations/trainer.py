@@ -20,6 +20,7 @@ from .collator import SequenceShardingCollator
 from .evaluation import EvalState, exact_compute_loss, exact_evaluation_loop, exact_prediction_step
 from .hooks import check_params, install, versions, world_size
 from .logs import honest_logs
+from .memory import apply_memory_savings
 from .transformers import apply_sequence_parallel
 from .trl import adapt_trl_trainer
 
@@ -119,6 +120,7 @@ def _refuse_what_cannot_be_exact(trainer) -> None:
 
 def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
     """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
+    apply_memory_savings(trainer.model, config)  # chunked loss, tiled MLP, offload: what the config asks for, any path
     if adapt_trl_trainer(trainer, config, _groups(config, groups_cache)):  # DPO / KTO: whole-sequence path
         return
     _refuse_what_cannot_be_exact(trainer)

@@ -1,0 +1,11 @@
+"""Memory beyond sequence parallelism, in plain torch: chunked cross-entropy, tiled MLPs, checkpoint offload.
+
+Each saving is exact (the plain path's math per token) and independent of sequence parallelism: it applies to this
+rank's tokens, whatever their number. `hf_seqpar.integrations.memory` applies them to Hugging Face models.
+"""
+
+from .chunked_loss import ChunkedTargetLogProbs, causal_lm_loss, chunked_target_log_probs
+from .offload import CheckpointOffloader
+from .tiled import tiled_apply
+
+__all__ = ["CheckpointOffloader", "ChunkedTargetLogProbs", "causal_lm_loss", "chunked_target_log_probs", "tiled_apply"]
