@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_name  # noqa: E402
 
 import hf_seqpar  # noqa: E402
+from hf_seqpar.estimate import comm_bytes_per_layer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARES = {  # collective -> (kind, share of its input this rank sends, given the group size)
@@ -86,24 +87,10 @@ class SentBytes:
         return int(sum(self.sent.values()))
 
 
-def _kv_heads_sent(heads: int, kv_heads: int, u: int) -> int:
-    return kv_heads if kv_heads % u == 0 else u if u % kv_heads == 0 else heads
-
-
 def formula(mode: str, world: int, b: int, c: int, h: int, hkv: int, d: int, e: int, a: int) -> tuple[int, int]:
-    """(forward, backward) bytes one rank must send per layer, as in the module docstring."""
-
-    def ring(p, c_ring, hkv_ring):
-        kv = 2 * b * c_ring * hkv_ring * d
-        return (p - 1) * kv * e, (p - 1) * kv * e + (p - 1) * kv * a
-
-    if mode in ("ring", "allgather"):
-        return ring(world, c, hkv)
-    u = world if mode == "ulysses" else 2
-    sent = _kv_heads_sent(h, hkv, u)
-    a2a = Fraction(u - 1, u) * b * c * d * e * (2 * h + 2 * sent)
-    fwd, bwd = ring(world // u, u * c, sent // u)
-    return int(a2a + fwd), int(a2a + bwd)
+    """(forward, backward) bytes one rank must send per layer: the formulas `hf-seqpar estimate` uses."""
+    fwd, bwd = comm_bytes_per_layer(mode, world, 2, b, c, h, hkv, d, e, a)
+    return sum(fwd.values()), sum(bwd.values())
 
 
 def measure(mode: str, seq: int, heads: int, kv_heads: int, head_dim: int, dtype: str) -> dict:
