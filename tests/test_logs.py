@@ -94,3 +94,16 @@ def test_evaluate_and_predict_metrics_match_plain_run(sp_result, plain_result):
     assert preds.shape == plain_preds.shape == labels.shape and labels.shape[0] == 7
     scored = labels[:, 1:] != -100  # predictions at padding are not the model's to match
     assert (preds[:, :-1][scored] == plain_preds[:, :-1][scored]).all()
+
+
+@pytest.mark.slow
+def test_dp2_sp2_logs_and_metrics_match_plain_dp2(assets):
+    """DP 2 x SP 2 (4 processes) against plain DP 2 (torchrun on the script itself): each eval sample counted once,
+    the last batch cut where the plain run cuts it, per-token preprocessing padded to the longest row of the world."""
+    plain, sp = assets.root / "logs_plain_dp2", assets.root / "logs_sp_dp2"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*torchrun, *_cmd(assets, plain)], assets, plain, ACCELERATE_USE_CPU="1")
+    launch_sp(assets, "logs_sp_dp2_launch", 4, {"sp_size": 2, "mode": "ring"}, _cmd(assets, sp))
+    got, want = (json.loads((out / "result.json").read_text()) for out in (sp, plain))
+    test_every_logged_number_matches_plain_run(got, want)
+    test_evaluate_and_predict_metrics_match_plain_run(got, want)

@@ -66,6 +66,8 @@ def make_compute_metrics(kind):
         preds, labels, inputs = eval_pred.predictions, eval_pred.label_ids, eval_pred.inputs
         if kind == "logits":
             preds = preds.argmax(-1)
+        beyond_rows = inputs[:, : preds.shape[1]] == -100  # padding between processes and between batches
+        beyond_checksum = checksum(np.where(beyond_rows, preds, -2))
         if kind != "shifted":  # run_clm: the prediction at t is for the label at t + 1
             preds = preds[:, :-1]
         targets = labels[:, 1:]
@@ -80,6 +82,7 @@ def make_compute_metrics(kind):
             "labels_checksum": checksum(labels),
             "inputs_checksum": checksum(inputs),
             "preds_checksum": checksum(np.where(valid, preds, -1)),
+            "beyond_rows_checksum": beyond_checksum,  # what the preprocessing makes of the -100 padding
         }
 
     return compute_metrics
