@@ -142,6 +142,39 @@ def _worker(rank, world, store, opts, queue):
     dist.destroy_process_group()
 
 
+def plot(report: dict, path: Path) -> bool:
+    """Bars: MiB each rank sends per layer (measured), forward and backward, per mode and P; dots: the formula."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["results"]
+    worlds = sorted({r["world"] for r in rows})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds), 3.6), sharey=True, squeeze=False)
+    for ax, world in zip(axes[0], worlds, strict=True):
+        mine = [r for r in rows if r["world"] == world]
+        x = range(len(mine))
+        for offset, side, color in ((-0.2, "fwd", "tab:blue"), (0.2, "bwd", "tab:orange")):
+            ax.bar([i + offset for i in x], [r[f"{side}_bytes"] / 2**20 for r in mine], 0.4, color=color,
+                   label=f"{side} measured")  # fmt: skip
+            ax.plot([i + offset for i in x], [r[f"{side}_formula"] / 2**20 for r in mine], "k_", markersize=14)
+        ax.set_xticks(list(x), [r["mode"] for r in mine])
+        ax.set_title(f"P={world} (black: formula)")
+    axes[0][0].set_ylabel("MiB sent per rank per layer")
+    axes[0][-1].legend(fontsize=8)
+    s = report["settings"]
+    fig.suptitle(
+        f"{s['seq']} tokens, {s['heads']}/{s['kv_heads']} heads of {s['head_dim']}, {s['dtype']}, gloo", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
@@ -184,7 +217,8 @@ def main(argv=None) -> dict:
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {opts.out}")
+    drew = plot(report, opts.out.with_suffix(".png"))
+    print(f"wrote {opts.out}" + (f" and {opts.out.with_suffix('.png')}" if drew else ""))
     return report
 
 
