@@ -38,6 +38,11 @@ def _flash_api():
     return fwd, bwd, set(inspect.signature(fwd).parameters), set(inspect.signature(bwd).parameters)
 
 
+def flash_softcap_supported() -> bool:
+    """flash-attn < 2.6 has no softcap argument: it must not be dropped silently."""
+    return "softcap" in _flash_api()[2]
+
+
 def _window_kwargs(params: set[str], left: int, right: int) -> dict:
     if "window_size_left" in params:  # >= 2.6 splits the window tuple
         return {"window_size_left": left, "window_size_right": right}

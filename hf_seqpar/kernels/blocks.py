@@ -39,7 +39,7 @@ def varlen_impl(backend: str, q: torch.Tensor, v: torch.Tensor, softcap: float |
     if not (q.is_cuda and q.dtype in _compat.VARLEN_DTYPES and _compat.varlen_head_dims_ok(q, v)):
         return None
     if backend == "flash_attn":
-        return "flash_attn"
+        return "flash_attn" if softcap is None or _compat.flash_softcap_supported() else None
     if backend == "torch" and softcap is None and _compat.aten_varlen_available():
         return "aten"
     return None
