@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean gpu-check gpu-wheels
+.PHONY: test demo bench lint clean families gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ gpu-check:
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary :all: --dest .whl pytest
+
+# Every causal-LM family under SP vs plain (~15 min on 2 cores): rewrites tests/family_support.json and README's table.
+families: $(STAMP)
+	$(PY) tests/scripts/family_sweep.py --check
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

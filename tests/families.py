@@ -136,6 +136,12 @@ _SIZES = {
     "mamba_d_ssm": 128,
     "num_kv_shared_layers": 0,
     "vocab_size_per_layer_input": VOCAB,
+    "adapter_in_dim": HIDDEN,  # vision / audio adapters that must match their tower's width
+    "adapter_input_size": HIDDEN,
+    "adapter_out_dim": HIDDEN,
+    "hidden_size_global": HIDDEN,  # BLT: the global (patch) transformer's width
+    "local_attention_window_len": WINDOW,
+    "encoder_hash_byte_group_vocab": 256,
 }
 # Token ids must fall inside the tiny vocabulary.
 _TOKEN_IDS = {
@@ -148,7 +154,6 @@ _TOKEN_IDS = {
     "mask_token_id": 3,
     "unk_token_id": 3,
 }
-_PER_LAYER_EXTRA = ("layer_types",)  # lists named differently per family are found by length instead
 
 # Entries that are not decoder-only causal LMs (with why).  Everything else must build and be swept.
 _DRAFT = (
@@ -174,7 +179,6 @@ OVERRIDES: dict[str, dict] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "zaya": {"num_experts_per_tok": 1},
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "mamba2": {"head_dim": 32, "n_groups": 1},
     "falcon_h1": {"mamba_d_head": 32},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
@@ -189,7 +193,6 @@ OVERRIDES: dict[str, dict] = {
         "num_buckets": 4,
     },
     "blt": {"use_cache": False},  # transformers 5.23: BLT's cache setup reads a num_hidden_layers it lacks
-    "dots3_note": {"adapter_in_dim": HIDDEN},
     "xlstm": {
         "chunk_size": 8,
         "use_cache": False,
@@ -205,7 +208,7 @@ OVERRIDES: dict[str, dict] = {
         },
     },
     "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32},
-    "zamba": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1, "layers_block_type": None},
+    "zamba": {"num_hidden_layers": 5, "attn_layer_period": 2, "attn_layer_offset": 1, "layers_block_type": None},
     "qwen4_exp_text": {
         "indexer_n_heads": 2,
         "indexer_kv_heads": 1,
@@ -217,8 +220,8 @@ OVERRIDES: dict[str, dict] = {
 OVERRIDES["qwen4_exp"] = {"text_config": OVERRIDES["qwen4_exp_text"]}
 
 
-def _shrink(config_cls, defaults: transformers.PreTrainedConfig, extra: dict) -> dict:
-    """Constructor kwargs for a tiny `config_cls`, from its `defaults` instance."""
+def _shrink(defaults: transformers.PreTrainedConfig, extra: dict) -> dict:
+    """Constructor kwargs for a tiny config of `defaults`' class, from that default instance."""
     values = defaults.to_dict()
     kwargs = {k: v for k, v in _SIZES.items() if k in values}
     for key, value in values.items():  # every dropout / router jitter off: the reference must be deterministic
@@ -255,7 +258,7 @@ def _shrink(config_cls, defaults: transformers.PreTrainedConfig, extra: dict) ->
     for key, sub in values.items():  # composite configs: shrink the sub-configs the same way
         sub_config = getattr(defaults, key, None) if isinstance(sub, dict) else None
         if isinstance(sub_config, transformers.PreTrainedConfig):
-            kwargs[key] = _shrink(type(sub_config), sub_config, extra.get(key, {}))
+            kwargs[key] = _shrink(sub_config, extra.get(key, {}))
     kwargs.update({k: v for k, v in extra.items() if not isinstance(v, dict) or k not in kwargs})
     return kwargs
 
@@ -290,7 +293,7 @@ def config_class(family: str):
 def tiny_config(family: str) -> transformers.PreTrainedConfig:
     base, extra = VARIANTS.get(family, (family, {}))
     cls = config_class(base)
-    return cls(**_shrink(cls, cls(), {**OVERRIDES.get(base, {}), **extra}))
+    return cls(**_shrink(cls(), {**OVERRIDES.get(base, {}), **extra}))
 
 
 def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager"):

@@ -1,10 +1,12 @@
-"""Sweep every causal-LM family under SP (world 2, ring and ulysses) and record each outcome.
+"""Sweep every causal-LM family under SP (world 2; ring and ulysses; packed and padded) and record the outcomes.
 
-    python tests/scripts/family_sweep.py                # all families -> tests/family_support.json + README
-    python tests/scripts/family_sweep.py llama qwen3    # just these, printed (snapshot untouched)
+    python tests/scripts/family_sweep.py             # all: writes tests/family_support.json and README's table
+    python tests/scripts/family_sweep.py llama qwen3 # just these, printed (--out FILE merges them into FILE;
+                                                     # --out tests/family_support.json also redoes README's table)
+    python tests/scripts/family_sweep.py --check     # also exit 1 if any family is WRONG, crashes or is not built
 
-Outcomes per mode: "exact", "refused: <message>", "WRONG: <errors>", "CRASH: <traceback tail>",
-"build failed: <error>" (the tiny-config builder's fault), or the family is "skipped: <reason>".
+Outcomes per column: "exact", "refused: <message>", "WRONG: <errors>", "CRASH: <error and where>",
+"build failed: <error>" (the tiny-config builder's fault); or the whole family is {"skipped": <reason>}.
 """
 
 from __future__ import annotations
@@ -22,87 +24,78 @@ sys.path.insert(0, str(TESTS))  # spawned rank workers inherit sys.path and impo
 
 from _ranks import RankFailure, shared_pool  # noqa: E402
 from families import SKIPPED, causal_lm_families, tiny_model  # noqa: E402
-from test_families import MODES, SNAPSHOT, sweep_case  # noqa: E402
+from test_families import COLUMNS, SNAPSHOT, sweep_case  # noqa: E402
+from test_readme import README, SWEEP_END, SWEEP_START, family_table, replace_section  # noqa: E402
 
-README = TESTS.parent / "README.md"
+FAILING = ("WRONG", "CRASH", "build failed", "ranks disagree")
 
 
 def _tail(text: str, lines: int = 6) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
-def sweep_family(family: str, kinds=("packed",)) -> dict:
-    if family in SKIPPED:
-        return {"skipped": SKIPPED[family]}
-    try:  # the builder's own check: the plain tiny model runs forward and backward
-        import torch
+def _builds(family: str) -> str | None:
+    """None if the plain tiny model runs forward and backward, else the builder's error."""
+    import torch
 
+    try:
         model = tiny_model(family)
         ids = torch.randint(3, 100, (1, 16))
         model(input_ids=ids, labels=ids).loss.backward()
     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
-        return {mode: f"build failed: {type(err).__name__}: {_tail(str(err), 2)}" for mode in MODES}
+        return f"build failed: {type(err).__name__}: {_tail(str(err), 2)}"
+    return None
+
+
+def sweep_family(family: str) -> dict:
+    if family in SKIPPED:
+        return {"skipped": SKIPPED[family]}
+    if (error := _builds(family)) is not None:
+        return dict.fromkeys(COLUMNS, error)
     result = {}
-    for mode in MODES:
-        for kind in kinds:
-            key = mode if kind == "packed" else f"{mode} {kind}"
-            try:
-                pool = shared_pool(2)
-                outcomes = pool.run(sweep_case, family, mode, kind, timeout=180)
-                result[key] = outcomes[0] if len(set(outcomes)) == 1 else f"ranks disagree: {outcomes}"
-                if any(o.startswith("CRASH") for o in outcomes) and len(set(outcomes)) > 1:
-                    pool.close()  # an asymmetric crash may leave collectives unmatched: start afresh
-            except RankFailure as err:
-                result[key] = "CRASH: " + _tail(str(err).split("rank 1:")[0], 8)
+    for column, (mode, kind) in COLUMNS.items():
+        try:
+            pool = shared_pool(2)
+            outcomes = pool.run(sweep_case, family, mode, kind, timeout=180)
+        except RankFailure as err:  # a rank died or hung: the pool is replaced on the next call
+            result[column] = "CRASH: " + _tail(str(err).split("rank 1:")[0], 8)
+            continue
+        result[column] = outcomes[0] if len(set(outcomes)) == 1 else f"ranks disagree: {outcomes}"
+        if len(set(outcomes)) > 1:
+            pool.close()  # an asymmetric outcome may leave collectives unmatched: start afresh
     return result
-
-
-def category(outcome: str) -> str:
-    for prefix, name in (
-        ("exact", "exact"),
-        ("refused", "refused"),
-        ("WRONG", "wrong"),
-        ("skipped", "skipped"),
-        ("build failed", "build failed"),
-    ):
-        if outcome.startswith(prefix):
-            return name
-    return "crash"
-
-
-def counts(results: dict) -> dict:
-    """Per family: its worst outcome over the modes (crash > wrong > build failed > refused > exact)."""
-    order = ["exact", "refused", "skipped", "build failed", "wrong", "crash"]
-    tally = dict.fromkeys(order, 0)
-    for outcome in results.values():
-        cats = ["skipped"] if "skipped" in outcome else [category(v) for v in outcome.values()]
-        tally[max(cats, key=order.index)] += 1
-    return tally
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("families", nargs="*")
-    parser.add_argument("--padded", action="store_true", help="also run a padded batch of 2")
-    parser.add_argument("--out", default=None, help="results file (default: the snapshot, full sweep only)")
+    parser.add_argument("--out", default=None, help="results file to merge into (default: the snapshot, full sweep)")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if any family is WRONG, crashes or fails to build"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
-    names = args.families or causal_lm_families()
-    out = Path(args.out) if args.out else (None if args.families else SNAPSHOT)
-    kinds = ("packed", "padded") if args.padded else ("packed",)
-    results = json.loads(out.read_text()) if out is not None and out.exists() and args.families else {}
-    for family in names:
+    full = not args.families
+    out = Path(args.out).resolve() if args.out else (SNAPSHOT if full else None)
+    results = json.loads(out.read_text()) if out is not None and out.exists() and not full else {}
+    for family in args.families or causal_lm_families():
         start = time.monotonic()
         try:
-            results[family] = sweep_family(family, kinds)
-        except Exception:  # noqa: BLE001
-            results[family] = {"harness error": _tail(traceback.format_exc())}
-        print(f"{family} ({time.monotonic() - start:.1f}s): {json.dumps(results[family])[:400]}", flush=True)
+            results[family] = sweep_family(family)
+        except Exception:  # noqa: BLE001 - the harness's own failure, recorded as such
+            results[family] = dict.fromkeys(COLUMNS, "CRASH: harness error: " + _tail(traceback.format_exc()))
+        print(f"{family} ({time.monotonic() - start:.1f}s): {json.dumps(results[family])[:300]}", flush=True)
         if out is not None:
-            out.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
+            out.write_text(json.dumps(dict(sorted(results.items())), indent=1, ensure_ascii=False) + "\n")
+    if out == SNAPSHOT:
+        README.write_text(replace_section(README.read_text(), SWEEP_START, SWEEP_END, family_table(results)))
+    failing = sorted(f for f, r in results.items() if any(str(v).startswith(FAILING) for v in r.values()))
+    print(f"{len(results)} families; failing: {' '.join(failing) or 'none'}")
+    if args.check and failing:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
