@@ -26,17 +26,26 @@ from hf_seqpar import SeqParConfig
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 RTOL = 1e-4  # float32 sums of shard partials in another order than the plain run (observed: <= 6e-7)
-# A reward is beta * (logp - logp_ref), a difference of two ~50-nat float32 sums: its error is absolute (observed
-# <= 2e-7), not relative to the reward, which starts at exactly 0.
-REWARD_ATOL = 1e-5
+# Rewards (beta * (logp - logp_ref)) and KTO's kl are differences of two ~50-nat float32 sums: their error is that
+# of the sums, absolute (ulp(50) = 4e-6; observed <= 2e-6), not relative to the difference, which starts at 0.
+DIFFERENCE_ATOL = 1e-5
 COMMON = (
     "--per_device_train_batch_size 2 --per_device_eval_batch_size 2 --gradient_accumulation_steps 2 "
     "--learning_rate 5 --optim sgd --lr_scheduler_type constant --logging_steps 1 --eval_strategy steps "
     "--save_strategy steps --seed 0 --use_cpu --bf16 False --dtype float32 --report_to none "
-    "--dataloader_num_workers 0 --max_length 64 --disable_tqdm True"
+    "--dataloader_num_workers 0 --disable_tqdm True"
 ).split()
 LORA = "--use_peft --lora_r 8 --lora_alpha 16 --lora_dropout 0".split()
-COMPARED = ("loss", "grad_norm", "entropy", "num_tokens", "mean_token_accuracy", "kl")
+COMPARED = (
+    "loss",
+    "grad_norm",
+    "entropy",
+    "num_tokens",
+    "mean_token_accuracy",
+    "kl",
+    "epoch",
+    "num_input_tokens_seen",
+)
 COMPARED_PREFIXES = ("rewards/", "logps/", "logits/")
 
 
@@ -122,8 +131,12 @@ def script_cmd(assets, script: str, data: str, out: Path, *extra) -> list:
     ]
 
 
+def trl_state(out: Path, last_step: int) -> dict:
+    return json.loads((out / f"checkpoint-{last_step}" / "trainer_state.json").read_text())
+
+
 def trl_log(out: Path, last_step: int) -> list[dict]:
-    return json.loads((out / f"checkpoint-{last_step}" / "trainer_state.json").read_text())["log_history"]
+    return trl_state(out, last_step)["log_history"]
 
 
 def worst_differences(got: list[dict], want: list[dict]) -> dict[str, float]:
@@ -136,7 +149,7 @@ def worst_differences(got: list[dict], want: list[dict]) -> dict[str, float]:
             if name not in COMPARED and not name.startswith(COMPARED_PREFIXES):
                 continue
             diff = abs(row[key] - value)
-            atol = REWARD_ATOL if name.startswith("rewards/") and name != "rewards/accuracies" else 0.0
+            atol = DIFFERENCE_ATOL if name == "kl" or name.startswith("rewards/") and "accuracies" not in name else 0
             if diff > RTOL * abs(value) + atol:
                 bad.append((row["step"], key, row[key], value))
             worst[key] = max(worst.get(key, 0.0), diff / abs(value) if value else diff)
@@ -341,22 +354,29 @@ def test_sharded_fused_forward_matches_plain_outputs_and_gradients(ranks, mode):
 # ---- TRL's scripts, launched ---------------------------------------------------------------------------------------
 
 
+FAST_DPO = [*COMMON, *LORA, "--max_length", "64", "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2"]
+FAST_DPO += ["--include_num_input_tokens_seen", "True"]  # counted as "all"
+
+
 @pytest.fixture(scope="session")
 def plain_dpo_lora(trl_assets):
     out = trl_assets.root / "plain_dpo_lora"
-    extra = [*COMMON, *LORA, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2"]
-    _run([sys.executable, *script_cmd(trl_assets, "dpo", "preference", out, *extra)], trl_assets, out)
-    return trl_log(out, 2)
+    _run([sys.executable, *script_cmd(trl_assets, "dpo", "preference", out, *FAST_DPO)], trl_assets, out)
+    return trl_state(out, 2)
 
 
 def test_trl_dpo_script_with_lora_matches_plain_run(trl_assets, plain_dpo_lora):
     """TRL's dpo.py with LoRA in float32, the run that crashed before (DDP got `labels` twice)."""
     out = trl_assets.root / "sp_dpo_lora"
-    extra = [*COMMON, *LORA, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2"]
     done = _launch_sp(trl_assets, out.with_name("sp_dpo_lora_launch"), 2, {"sp_size": 2, "mode": "ring"},
-                      script_cmd(trl_assets, "dpo", "preference", out, *extra))  # fmt: skip
+                      script_cmd(trl_assets, "dpo", "preference", out, *FAST_DPO))  # fmt: skip
     assert "hf_seqpar: world 2 = DP 1 x SP 2 (ulysses 1 x ring 2), mode ring" in done.stdout
-    assert_same_curve(trl_log(out, 2), plain_dpo_lora, steps=2)
+    got = trl_state(out, 2)
+    assert_same_curve(got["log_history"], plain_dpo_lora["log_history"], steps=2)
+    assert (
+        got["log_history"][-1]["num_input_tokens_seen"] == plain_dpo_lora["log_history"][-1]["num_input_tokens_seen"]
+    )
+    assert got["total_flos"] == plain_dpo_lora["total_flos"]  # counted once per data-parallel rank, not per SP rank
 
 
 @pytest.mark.slow
@@ -387,7 +407,7 @@ SLOW_RUNS = {  # name: (script, data, launch processes, section, extra args, pla
 @pytest.mark.parametrize("name", SLOW_RUNS)
 def test_trl_script_matches_plain_run_slow(trl_assets, name):
     script, data, processes, section, extra, plain_processes = SLOW_RUNS[name]
-    args = [*COMMON, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "4", *extra]
+    args = [*COMMON, "--max_length", "64", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "4", *extra]
     plain, sp = trl_assets.root / f"slow_plain_{name}", trl_assets.root / f"slow_sp_{name}"
     plain_cmd = script_cmd(trl_assets, script, data, plain, *args)
     if plain_processes == 1:

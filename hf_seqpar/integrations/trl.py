@@ -20,7 +20,6 @@ TRL is imported lazily and only if the script already imported it: hf_seqpar doe
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 
 import torch
@@ -34,8 +33,6 @@ from .collator import IGNORE_INDEX, SequenceShardingCollator
 from .evaluation import dp_gather_for_metrics, startup_line
 from .transformers import DOCS_KEY, apply_sequence_parallel
 
-logger = logging.getLogger(__name__)
-
 GENERIC, WHOLE_SEQUENCES = "generic", "whole-sequences"
 # The first TRL class in a trainer's MRO decides; a subclass TRL ships with its own loss is refused until proven.
 TRL_TRAINERS = {
@@ -44,14 +41,16 @@ TRL_TRAINERS = {
     "trl.trainer.kto_trainer.KTOTrainer": WHOLE_SEQUENCES,
     "trl.experimental.kto.KTOTrainer": WHOLE_SEQUENCES,  # the deprecated import path of the same trainer
 }
+_ONLINE = (
+    "it samples completions on every rank, then gathers rewards and slices advantages by global process index, "
+    "which would count each data-parallel rank's samples once per rank of its sequence-parallel group"
+)
 _WHY_NOT = {
     "RewardTrainer": "it scores each sequence at its last real token, which only one rank of the group holds",
-    "GRPOTrainer": "it generates completions and weights per-token log-probabilities by group advantages through "
-    "logits that hf_seqpar does not shard",
-    "RLOOTrainer": "it generates completions and weights per-token log-probabilities by leave-one-out advantages "
-    "through logits that hf_seqpar does not shard",
+    "GRPOTrainer": _ONLINE,
+    "RLOOTrainer": _ONLINE,
     "DistillationTrainer": "its loss compares student and teacher distributions over the vocabulary at every "
-    "position, computed from logits that hf_seqpar does not shard",
+    "position (and may sample completions on every rank), which hf_seqpar does not split by sequence",
 }
 FORWARD_MARK = "__hf_seqpar_whole_sequences__"
 # Keyword arguments of TRL's fused forward that the wrapper understands; any other non-None one is refused.
@@ -100,8 +99,6 @@ def adapt_trl_trainer(trainer, config: SeqParConfig, groups: SeqParGroups) -> bo
             f"hf_seqpar: {name}(compute_metrics=...) needs the logits of whole sequences, which no rank holds under "
             "sequence parallelism; drop compute_metrics (the trainer's own rewards/logps metrics are exact)"
         )
-    if trainer.args.include_num_input_tokens_seen not in ("no", False):
-        logger.warning("hf_seqpar: num_input_tokens_seen counts every token once per rank of a sequence group")
     text_config = trainer.model.config.get_text_config()
     heads = text_config.num_attention_heads
     config = config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
@@ -120,7 +117,29 @@ def adapt_trl_trainer(trainer, config: SeqParConfig, groups: SeqParGroups) -> bo
     trainer.gather_function = functools.partial(
         gather_for_metrics, use_gather_object=trainer.args.eval_use_gather_object
     )
+    _count_rows_once(trainer, groups)
     return True
+
+
+def _count_rows_once(trainer, groups: SeqParGroups) -> None:
+    """The counts the Trainer sums over the world (total batch size, num_input_tokens_seen, total_flos) as the
+    plain run has them: every rank of an SP group holds the same whole rows, so each would count them sp_size times.
+    (Timing rates such as eval steps per second are left as the Trainer computes them.)"""
+    sp = groups.sp_size
+    total_batch_size, track, flops = (
+        trainer.get_total_train_batch_size,
+        trainer._track_num_input_tokens,
+        trainer.floating_point_ops,
+    )
+
+    def track_once(inputs):
+        before = trainer.state.num_input_tokens_seen
+        track(inputs)  # adds the world's sum: sp_size equal counts per data-parallel rank
+        trainer.state.num_input_tokens_seen = before + (trainer.state.num_input_tokens_seen - before) // sp
+
+    trainer.get_total_train_batch_size = lambda args: total_batch_size(args) // sp
+    trainer._track_num_input_tokens = track_once
+    trainer.floating_point_ops = lambda inputs: flops(inputs) if groups.sp_rank == 0 else 0.0
 
 
 class WholeSequenceState:
