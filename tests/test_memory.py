@@ -7,6 +7,7 @@ chunks do not divide the sequence. Tolerances: float32 rounding of the same per-
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import test_launch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,6 +31,12 @@ GRAD_ATOL = 2e-6  # float32 gradients of order 1e-3 .. 1e-1, chunk partial sums 
 SMALL = dict(loss_chunk_tokens=7, mlp_chunk_tokens=9, offload_min_bytes=0)  # many chunks, every saved tensor moved
 ALL = dict(chunked_loss=True, tiled_mlp=True, offload_checkpoints=True)
 ROOT = Path(__file__).resolve().parents[1]
+# The launch tests' fixtures (tiny model, tokenizer, data; the plain runs), registered here under their own names.
+assets, plain_trainer_log, plain_sft_logs = (
+    test_launch.assets,
+    test_launch.plain_trainer_log,
+    test_launch.plain_sft_logs,
+)
 
 
 def _model(family: str, *, ckpt=False, lora=False, **extra):
@@ -329,3 +337,31 @@ def test_python_m_hf_seqpar_switches_savings_on_at_sp_size_1(tmp_path):
         "sp_size=1, sequence parallelism is off; memory savings on: chunked_loss, tiled_mlp, offload_checkpoints"
         in (done.stdout)
     )
+
+
+# ---- end to end, unmodified scripts under `hf-seqpar launch` (slow) ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_trainer_script_with_savings_under_sp_matches_plain_run(request):
+    from test_launch import assert_same_curve, launch_sp, train_cmd
+
+    launch = request.getfixturevalue("assets")
+    out = launch.root / "sp_trainer_savings"
+    section = {"sp_size": 2, "mode": "ring", "chunked_loss": True, "tiled_mlp": True}
+    launch_sp(launch, f"{out.name}_launch", 2, section, train_cmd(launch, out, "--log_file", out / "log.json"))
+    plain = request.getfixturevalue("plain_trainer_log")
+    assert_same_curve(json.loads((out / "log.json").read_text()), plain)  # eval losses included
+
+
+@pytest.mark.slow
+def test_trl_sft_script_with_savings_under_sp_matches_plain_run(request):
+    from test_launch import assert_same_curve, launch_sp, sft_cmd, trl_log
+
+    launch = request.getfixturevalue("assets")
+    out = launch.root / "sp_sft_savings"
+    cmd = sft_cmd(launch, out, False)
+    cmd[cmd.index("--gradient_checkpointing") + 1] = "True"  # recomputation is exact; offload needs it
+    section = {"sp_size": 2, "mode": "ring", "chunked_loss": True, "tiled_mlp": True, "offload_checkpoints": True}
+    launch_sp(launch, f"{out.name}_launch", 2, section, cmd)
+    assert_same_curve(trl_log(out), request.getfixturevalue("plain_sft_logs")(False))
