@@ -140,10 +140,10 @@ def _is_per_token(preprocess, logits: torch.Tensor, labels, preds, rng: torch.Ge
     return isinstance(again, torch.Tensor) and torch.equal(again, preds[:, pick])
 
 
-def _agree(flag: bool, group, device) -> bool:
-    """True on every rank of `group` when it is True on all of them."""
+def _agree(flag: bool, device) -> bool:
+    """True on every rank when it is True on all: the two paths run different collectives, so the world decides."""
     value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 
@@ -164,7 +164,7 @@ def _preprocessed(trainer, state: EvalState, logits, labels, rows: UnshardedRows
             shard_labels = shard_sequence(arranged, config=state.config, groups=state.groups, dim=1)
         preds = preprocess(logits, shard_labels)
         per_token = _is_per_token(preprocess, logits, shard_labels, preds, state.probe_rng)
-        if _agree(per_token, state.groups.sp_group, logits.device):
+        if _agree(per_token, logits.device):
             preds = whole_rows(preds, rows, state)
             # Without SP, eval_loop pads logits and labels with -100 to the longest row of the world first.
             length = rows.seq_len
@@ -203,7 +203,7 @@ def exact_prediction_step(trainer, state: EvalState):
             loss = None  # the plain batch has no labels, so the plain step computes no loss
         shard_shape = tuple(sharded["input_ids"].shape[:2])
         main_input = getattr(trainer.model, "main_input_name", "input_ids")
-        if "inputs" in trainer.args.include_for_metrics and not prediction_loss_only:
+        if "inputs" in trainer.args.include_for_metrics and not prediction_loss_only and main_input in sharded:
             # eval_loop reads the model inputs for metrics from its own batch dict, after this step
             inputs[main_input] = whole_rows(sharded[main_input], rows, state)
         if prediction_loss_only or logits is None:
