@@ -76,8 +76,10 @@ def _is_multi_cpu(args, cluster: dict) -> bool:
 
 def _as_multi_process_cpu(args, cluster: dict) -> None:
     """Let accelerate's torchrun launcher start the N CPU workers; ACCELERATE_USE_CPU gives them a gloo group."""
-    os.environ["ACCELERATE_USE_CPU"] = "true"
     if cluster.get("distributed_type", "MULTI_CPU") in ("MULTI_CPU", "NO"):  # FSDP / DeepSpeed pick torchrun anyway
+        # Only here: ACCELERATE_USE_CPU makes every Accelerator a MULTI_CPU one, which drops a DeepSpeed config for
+        # DDP (with zero3_init_flag the model is then already partitioned: the first forward fails on empty weights).
+        os.environ["ACCELERATE_USE_CPU"] = "true"
         args.cpu, args.multi_gpu = False, True
     one_machine = (args.num_machines or cluster.get("num_machines") or 1) == 1
     if one_machine and args.main_process_port is None and cluster.get("main_process_port") is None:
