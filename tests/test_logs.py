@@ -107,3 +107,46 @@ def test_dp2_sp2_logs_and_metrics_match_plain_dp2(assets):
     got, want = (json.loads((out / "result.json").read_text()) for out in (sp, plain))
     test_every_logged_number_matches_plain_run(got, want)
     test_evaluate_and_predict_metrics_match_plain_run(got, want)
+
+
+def _body_tokens_seen(mode: str, with_mask: bool):
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import Trainer
+
+    from hf_seqpar import SeqParConfig, SequenceShardingCollator, init_groups
+    from hf_seqpar.integrations.evaluation import EvalState
+    from hf_seqpar.integrations.logs import _track_tokens
+
+    config = SeqParConfig(sp_size=2, mode="ring")
+    groups = init_groups(config)
+    ids = torch.tensor([[5, 6, 0, 7, 8], [0, 0, 9, 3, 4]])  # 0 is the pad id; 5 tokens, padded to 8 by the layout
+    base = {"input_ids": ids}
+    if with_mask:
+        base["attention_mask"] = (torch.arange(5) >= torch.tensor([[0], [2]])).long()  # row 1: left padding
+    collator = SequenceShardingCollator(lambda f: dict(base), config=config, groups=groups, keep_unsharded=True)
+
+    def trainer():
+        return SimpleNamespace(
+            args=SimpleNamespace(include_num_input_tokens_seen=mode, device=torch.device("cpu")),
+            model=SimpleNamespace(main_input_name="input_ids"),
+            processing_class=SimpleNamespace(pad_token_id=0),
+            accelerator=SimpleNamespace(gather=lambda t: t),  # the plain run: one process
+            state=SimpleNamespace(num_input_tokens_seen=0),
+        )
+
+    plain, sp = trainer(), trainer()
+    Trainer._track_num_input_tokens(plain, dict(base))  # upstream's own count on the plain batch
+    sp._track_num_input_tokens = None
+    _track_tokens(sp, EvalState(config=config, groups=groups))(collator([]))
+    return plain.state.num_input_tokens_seen, sp.state.num_input_tokens_seen
+
+
+@pytest.mark.parametrize(
+    ("mode", "with_mask", "expected"),
+    [("all", False, 10), ("non_padding", False, 7), ("non_padding", True, 8)],  # numel; ids != pad; mask.sum()
+)
+def test_num_input_tokens_seen_counts_the_plain_batch(ranks, mode, with_mask, expected):
+    # The layout pads each row to 8 with tokens that are not the pad id: neither they nor the rolled padding count.
+    assert ranks.run(_body_tokens_seen, mode, with_mask) == [(expected, expected)] * 2

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..algorithms import shard_sequence
 from .collator import UNSHARDED_KEY, UnshardedRows
 from .evaluation import EvalState
 
@@ -33,8 +34,11 @@ def _plain_input_tokens(trainer, state: EvalState, inputs: dict, rows: Unsharded
         if rows.attention_mask_sum is not None:
             return rows.attention_mask_sum
         pad_token_id = getattr(trainer.processing_class, "pad_token_id", None)
-        if pad_token_id is not None:  # the collator pads with the same id, so the shards count what the rows hold
-            local = (inputs[main_input] != pad_token_id).sum().reshape(1)
+        if pad_token_id is not None:  # the shards of the rows, without the layout padding the collator appended
+            ids = inputs[main_input]
+            in_rows = (torch.arange(rows.padded_len, device=ids.device) < rows.seq_len)[None]
+            in_rows = shard_sequence(in_rows, config=state.config, groups=state.groups, dim=1)
+            local = ((ids != pad_token_id) & in_rows).sum().reshape(1)
             dist.all_reduce(local, group=state.groups.sp_group)
             return int(local.item())
     return rows.seq_len * inputs[main_input].shape[0]
