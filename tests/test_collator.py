@@ -66,7 +66,7 @@ def _reference(rows, s_pad: int, pad_id: int = 0) -> dict[str, torch.Tensor | li
             offsets.append(len(ids))
             pos += list(range(s_pad - len(ids)))
             shift += [-100] * (s_pad - len(ids))
-            ids += [pad_id] * (s_pad - len(ids))
+            ids += [ids[0]] * (s_pad - len(ids))  # padding takes the row's first token (not the pad id)
         for key, value in (("input_ids", ids), ("shift_labels", shift), ("position_ids", pos)):
             out[key].append(value)
         out["cu_seqlens"].append(offsets + [s_pad])

@@ -197,12 +197,15 @@ class SequenceShardingCollator:
         # Pad to the layout's multiple; the padding joins each row's pad region, one trailing document per row.
         s_pad = max(self.multiple, -(-s // self.multiple) * self.multiple)
         extra = s_pad - s
-        fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX}
+        fill = {"labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX}
         for key in seq_keys:
             value = batch[key]
             batch[key] = torch.cat([value, value.new_full((b, extra) + value.shape[2:], fill.get(key, 0))], 1)
         shift_labels = F.pad(shift_labels, (0, extra), value=IGNORE_INDEX)
         pad = F.pad(pad, (0, extra), value=True)
+        # Padding tokens are a document nobody attends to and nothing predicts: give them a real token's id, not the
+        # pad id, whose zero embedding (padding_idx) turns some models' norm gradients into NaN (Gemma3n).
+        batch["input_ids"] = torch.where(pad, batch["input_ids"][:, :1], batch["input_ids"])
         idx = torch.arange(s_pad).expand(b, s_pad)
         pad_start = (~pad).sum(1, keepdim=True)
         position_ids = torch.where(pad, idx - pad_start, F.pad(position_ids, (0, extra)))
@@ -225,6 +228,7 @@ class SequenceShardingCollator:
             batch[key] = layout.shard(batch[key], placement, self.groups.sp_rank, dim=1)
         batch["labels"] = batch["shift_labels"]  # a Trainer counting `labels` then counts each target once
         batch["seqpar_cu_seqlens"] = cu_seqlens
+        batch["seqpar_real_tokens"] = layout.shard(~pad, placement, self.groups.sp_rank, dim=1)  # MoE router stats
         if self.keep_unsharded:
             batch[UNSHARDED_KEY] = UnshardedRows(s, s_pad, lead, base_labels, mask_sum)
         return batch

@@ -12,6 +12,7 @@ with the model's original attention: forward hooks on the model switch it back f
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ STATE_ATTR = "_hf_seqpar"
 DOCS_KEY = "seqpar_cu_seqlens"
 REAL_TOKENS_KEY = "seqpar_real_tokens"  # [B, S_local] bool: this rank's tokens that are not padding
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+NEUTRAL_LAYER_TYPES = {"mlp", "moe", "dense", "sparse"}  # token-wise layers some configs list beside attention
 # Attention kwargs that change nothing here: positions are already in q/k (RoPE), loss and output switches are
 # for other modules, and our own batch keys are read from their own names.
 _INERT_KWARGS = {
@@ -41,11 +43,13 @@ _INERT_KWARGS = {
     "output_hidden_states",
     "output_router_logits",
     "token_type_ids",
+    "labels",
     DOCS_KEY,
     REAL_TOKENS_KEY,
 }
 # Describe the full, unsharded sequence to other attention paths; on a shard they would mislead.
 _UNSHARDED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+_ABSENT = object()  # sliding_window not passed at all (the model's mask alone would apply the config's window)
 HONOURED_KWARGS = ("scaling", "is_causal", "sliding_window", "softcap", "s_aux", "dropout (must be 0)")
 
 # The sharded forward in progress on this thread (innermost): (state, real-token mask). Read by the MoE router
@@ -64,6 +68,7 @@ class SeqParState:
     impl: str
     originals: list  # [(config object, its original _attn_implementation)]
     hooks: list = field(default_factory=list)
+    current_docs: torch.Tensor | None = None  # offsets of the latest sharded forward (None after an unsharded one)
     _docs_cache: list = field(default_factory=lambda: [None, None, None])
     _stack: list = field(default_factory=list)
 
@@ -87,6 +92,7 @@ class SeqParState:
     def enter(self, kwargs: dict) -> None:
         """Forward pre-hook: a sharded batch uses our attention, any other the original (masks built for it)."""
         sharded = kwargs.get(DOCS_KEY) is not None
+        self.current_docs = kwargs.get(DOCS_KEY)
         self._stack.append(([c._attn_implementation_internal for c, _ in self.originals], SHARDED_FORWARD.get()))
         for cfg, original in self.originals:
             cfg._attn_implementation_internal = self.impl if sharded else original
@@ -109,6 +115,19 @@ def _original_attention(module: torch.nn.Module, state: SeqParState):
             raise NotImplementedError(f"hf_seqpar: {type(module).__name__} has no eager attention to fall back to")
         return eager
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+
+def _config_window(module: torch.nn.Module) -> int | None:
+    """The sliding window the model's own mask would apply to this module's layer (for modules that do not pass
+    `sliding_window` to the attention function: their plain run gets the window from the mask alone)."""
+    config, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window:
+        return None
+    if layer_types and layer is not None:
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def _layer_chunk(module: torch.nn.Module) -> int | None:
@@ -141,9 +160,8 @@ def _refusal(name: str, kwargs: dict, dropout: float, attention_mask, query, key
     unsharded = [k for k in _UNSHARDED_KWARGS if kwargs.get(k) is not None]
     if unsharded:
         return f"{name}: {unsharded} describe the unsharded sequence; drop them (SequenceShardingCollator does)"
-    unknown = sorted(
-        k for k in kwargs if k not in _INERT_KWARGS and k not in ("output_attentions", *_UNSHARDED_KWARGS)
-    )
+    known = _INERT_KWARGS.union(_UNSHARDED_KWARGS, ["output_attentions"])
+    unknown = sorted(k for k, v in kwargs.items() if k not in known and v is not None)  # None: the feature is off
     if unknown:
         return (
             f"{name} passed attention arguments {unknown} that hf_seqpar does not know, so it cannot promise the "
@@ -160,7 +178,7 @@ def seqpar_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    sliding_window: int | None = None,
+    sliding_window: int | None | object = _ABSENT,
     softcap: float | None = None,
     is_causal: bool | None = None,
     s_aux: torch.Tensor | None = None,
@@ -174,7 +192,11 @@ def seqpar_attention_forward(
     name = type(module).__name__
     if state is None:
         raise RuntimeError(f"hf_seqpar: {name} was switched to hf_seqpar attention without apply_sequence_parallel")
-    offsets = kwargs.get(DOCS_KEY)
+    # Families whose layers do not pass **kwargs down get the offsets from the sharded forward in progress (or,
+    # in the recompute of gradient checkpointing, from the latest one).
+    offsets = kwargs.get(DOCS_KEY, state.current_docs)
+    if sliding_window is _ABSENT:
+        sliding_window = None if offsets is None else _config_window(module)
     if offsets is None:
         honoured = dict(dropout=dropout, scaling=scaling, sliding_window=sliding_window, softcap=softcap)
         honoured.update(is_causal=is_causal, s_aux=s_aux)
@@ -226,12 +248,21 @@ def _text_config(config):
 def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> tuple[list[torch.nn.Module], SeqParConfig]:
     name = type(model).__name__
     text_config = _text_config(model.config)
-    other_layers = sorted(set(getattr(text_config, "layer_types", None) or ()) - SUPPORTED_LAYER_TYPES)
+    other_layers = sorted(
+        set(getattr(text_config, "layer_types", None) or ()) - SUPPORTED_LAYER_TYPES - NEUTRAL_LAYER_TYPES
+    )
+    indexed = [t for t in other_layers if "index" in t] + (["indexer"] if _has_indexer(model) else [])
+    if indexed:
+        raise NotImplementedError(
+            f"hf_seqpar: {name} has sparse indexed attention ({indexed}): a learned indexer picks each query's keys "
+            "from the whole sequence, which no rank holds; train it without sequence parallelism"
+        )
     if other_layers:
         raise NotImplementedError(
             f"hf_seqpar: {name} has layers of type {other_layers}: recurrent / linear-attention / convolution layers "
             "carry state along the sequence and cannot be split across ranks; use a model without them"
         )
+    _check_forward(model)
     if getattr(text_config, "attn_temperature_tuning", False) and not all(
         getattr(text_config, "no_rope_layers", None) or [1]
     ):
@@ -240,18 +271,56 @@ def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> tuple[list
             f"{getattr(text_config, 'floor_scale', None)}), which each rank would count from its own shard; set "
             "attn_temperature_tuning=False in the config to fine-tune under sequence parallelism"
         )
+    crossing = sorted({type(m).__name__ for m in model.modules() if "CrossAttention" in type(m).__name__})
+    if crossing:
+        raise NotImplementedError(
+            f"hf_seqpar: {name} has cross-attention ({crossing}) between the sequence and another one it builds "
+            "itself (patches, encoder states) with its own mask; only self-attention can be sharded"
+        )
     if not model._can_set_attn_implementation():
         raise NotImplementedError(
             f"hf_seqpar: {name} does not route attention through transformers' AttentionInterface, so its "
             "attention cannot be replaced; use a model family that does (Llama, Mistral, Qwen, Gemma, Phi3, OLMo, ...)"
         )
-    modules = [m for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
+    modules = [m for m in model.modules() if hasattr(m, "is_causal") and not isinstance(m, PreTrainedModel)]
     if not modules:
-        raise NotImplementedError(f"hf_seqpar: {name}: found no attention module with an `is_causal` attribute")
+        named = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+        raise NotImplementedError(
+            f"hf_seqpar: {name}: its attention modules {named or ''} do not declare `is_causal`, so hf_seqpar cannot "
+            "tell which mask they compute; this family is not supported"
+        )
     heads = getattr(text_config, "num_attention_heads", None)
     if heads is None:
         return modules, config
     return modules, config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
+
+
+def _has_indexer(model: torch.nn.Module) -> bool:
+    return any(hasattr(m, "indexer") and hasattr(m, "is_causal") for m in model.modules())
+
+
+def _check_forward(model: PreTrainedModel) -> None:
+    """The causal LM's forward must take the loss count and global positions: without `num_items_in_batch` (or
+    **kwargs to carry it) each rank averages its own shard; without `position_ids` each rank numbers its shard
+    from 0 (decoders of encoder-decoder models used alone take neither)."""
+    params = inspect.signature(type(model).forward).parameters
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        source = ""
+    if "labels" in params and source and not any(w in source for w in ("loss_function", "num_items_in_batch")):
+        raise NotImplementedError(
+            f"hf_seqpar: {type(model).__name__}.forward computes its own mean loss and never sees num_items_in_batch, "
+            "so under sequence parallelism each rank would average its own shard; this family is not supported"
+        )
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [n for n in ("num_items_in_batch", "position_ids") if n not in params]
+    if missing:
+        raise NotImplementedError(
+            f"hf_seqpar: {type(model).__name__}.forward takes no {missing}: its loss would be each rank's own mean "
+            "and its positions would restart on every shard; this family is not supported"
+        )
 
 
 def _configs(model: torch.nn.Module) -> list:
