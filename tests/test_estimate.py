@@ -105,8 +105,8 @@ def _body_measure(seq, config):
 
 @pytest.mark.parametrize("config", ["plain", pytest.param("ckpt+chunked_loss", marks=pytest.mark.slow)])
 def test_estimate_agrees_with_the_measurement_sp2(ranks, config):
-    estimated = _estimate(2, 2048, config)
-    for measured in ranks.run(_body_measure, 2048, config):
+    estimated = _estimate(2, 1024, config)
+    for measured in ranks.run(_body_measure, 1024, config):
         assert abs(estimated / measured - 1) < TOLERANCE, (estimated, measured)
 
 
