@@ -140,9 +140,8 @@ def _build(opts, device, world):
     if opts.model == "llama3-8b":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        )
+        attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=attention, task_type="CAUSAL_LM"))
     model.train()
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -298,6 +297,22 @@ def table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def per_token_table(points: list[dict]) -> str:
+    """Markdown: per configuration and sp, the growth per token of the sequence (slope between the shortest and the
+    longest sequence) and what is left at zero length (parameter gradients, fixed-size chunk buffers)."""
+    lines = ["| configuration | sp | bytes per token of the sequence | fixed part |", "|---|---|---|---|"]
+    for config in dict.fromkeys(p["config"] for p in points):
+        for sp in sorted({p["sp"] for p in points}):
+            mine = sorted((p["seq"], p["peak_bytes_max"]) for p in points
+                          if p["config"] == config and p["sp"] == sp and p["peak_bytes_max"] is not None)  # fmt: skip
+            if len(mine) < 2:
+                continue
+            (s0, b0), (s1, b1) = mine[0], mine[-1]
+            slope = (b1 - b0) / (s1 - s0)
+            lines.append(f"| {config} | {sp} | {slope / 1000:,.1f} KB | {(b0 - slope * s0) / 2**20:,.0f} MiB |")
+    return "\n".join(lines)
+
+
 def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -381,6 +396,8 @@ def main(argv=None) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(points, out.with_suffix(".png"), f"{opts.model} on {result['machine']}: peak memory per rank, one step")
     print(table(points))
+    print()
+    print(per_token_table(points))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,22 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
         assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
 
 
+def test_bf16_weight_gradient_is_summed_over_chunks_in_float32():
+    torch.manual_seed(0)
+    hidden = torch.randn(1200, 16, dtype=torch.bfloat16)
+    weight = torch.randn(50, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (1200,))
+    got = chunked_target_log_probs(hidden, targets, lambda h: F.linear(h, weight).float(), [weight], chunk_tokens=4)
+    got.sum().backward()
+    w64 = weight.detach().double().requires_grad_()
+    ref = F.log_softmax(F.linear(hidden.double(), w64), -1).gather(-1, targets[:, None]).sum()
+    ref.backward()
+    error = (weight.grad.double() - w64.grad).norm() / w64.grad.norm()
+    assert error < 2**-8, (
+        error
+    )  # the plain path's own bf16 error is 2.2e-3; 300 partial sums kept in bf16 reach 1.8e-2
+
+
 def test_tiled_apply_is_the_function_and_recomputes_per_chunk():
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))

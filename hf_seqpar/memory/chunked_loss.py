@@ -70,7 +70,10 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
         needs_hidden = ctx.needs_input_grad[0]
         needs_params = list(ctx.needs_input_grad[5:])
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_params = [torch.zeros_like(p) if need else None for p, need in zip(params, needs_params, strict=True)]
+        grad_params = [  # summed over chunks in float32 at least: bf16 sums of hundreds of chunks would drift
+            torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) if need else None
+            for p, need in zip(params, needs_params, strict=True)
+        ]
         wanted = [p for p, need in zip(params, needs_params, strict=True) if need]
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
@@ -93,6 +96,7 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
                     grad = grads.pop(0) if need else None
                     if grad is not None:
                         grad_params[i] += grad
+        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params, strict=True)]
         return (grad_hidden, None, None, None, None, *grad_params)
 
 
