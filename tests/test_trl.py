@@ -254,6 +254,19 @@ def test_shard_rows_keeps_every_token_in_place():
         shard_rows(input_ids, mask, unmasked, placement, 0)
 
 
+def test_fused_forward_refuses_what_it_cannot_split():
+    from hf_seqpar.integrations.trl import sharded_fused_forward
+
+    forward = sharded_fused_forward(lambda **kwargs: None, None, "TinyLM")  # refusals come before any state is read
+    ids = torch.ones(2, 8, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="^hf_seqpar: TinyLM was called for logits"):
+        forward(input_ids=ids)  # return_outputs / compute_metrics / predict: whole-vocabulary logits
+    with pytest.raises(NotImplementedError, match=r"got \['output_router_logits', 'pixel_values'\]"):
+        forward(input_ids=ids, labels=ids, fused_lm_head=True, pixel_values=torch.ones(1), output_router_logits=True)
+    with pytest.raises(NotImplementedError, match=r"got \['use_cache=True'\]"):
+        forward(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=True)
+
+
 # ---- on 2 ranks (pool): the Trainer hook refuses, the fused forward matches the plain one ------------------------
 
 
@@ -429,6 +442,30 @@ def test_trl_script_matches_plain_run_slow(trl_assets, name):
         got, want = ([{k: v for k, v in r.items() if not (r["step"] == 1 and "accuracies" in k)} for r in rows]
                      for rows in (got, want))  # fmt: skip
     assert_same_curve(got, want, steps=4)
+
+
+@pytest.mark.slow
+def test_trl_dpo_script_with_its_own_bf16_default_matches_plain_run_slow(trl_assets):
+    """dpo.py as users run it: bf16=True autocast (CPU autocast here). SP must agree with the plain bf16 run within a
+    small multiple of what bf16 itself changes (plain bf16 vs plain float32). Rewards and accuracies are not compared:
+    they are differences of log-prob sums that bf16 moves by more than the rewards themselves at these step sizes."""
+    args = [*COMMON, *LORA, "--max_length", "64", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "4"]
+    logs = {}
+    for name, bf16 in (("fp32", "False"), ("plain", "True"), ("sp", "True")):
+        out = trl_assets.root / f"bf16_dpo_{name}"
+        cmd = script_cmd(trl_assets, "dpo", "preference", out, *args, "--bf16", bf16)  # the last --bf16 wins
+        if name == "sp":
+            _launch_sp(trl_assets, out.with_name(out.name + "_launch"), 2, {"sp_size": 2, "mode": "ring"}, cmd)
+        else:
+            _run([sys.executable, *cmd], trl_assets, out)
+        logs[name] = trl_log(out, 4)
+    for sp, plain, ref in zip(logs["sp"], logs["plain"], logs["fp32"], strict=True):
+        for key in [
+            k for k in plain if k.removeprefix("eval_") in ("loss", "grad_norm", "logps/chosen", "logps/rejected")
+        ]:
+            bf16_effect = abs(plain[key] - ref[key]) / abs(ref[key])
+            # 4x what bf16 itself changes, floored at one bf16 rounding (2**-8)
+            assert abs(sp[key] - plain[key]) / abs(plain[key]) <= 4 * max(bf16_effect, 2**-8), (key, sp, plain)
 
 
 REFUSED_SCRIPTS = {  # script: (data, extra args, trainer)

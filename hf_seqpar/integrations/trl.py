@@ -99,6 +99,11 @@ def adapt_trl_trainer(trainer, config: SeqParConfig, groups: SeqParGroups) -> bo
             f"hf_seqpar: {name}(compute_metrics=...) needs the logits of whole sequences, which no rank holds under "
             "sequence parallelism; drop compute_metrics (the trainer's own rewards/logps metrics are exact)"
         )
+    if getattr(trainer.args, "train_sampling_strategy", None) == "batch_rebalance":
+        raise ValueError(
+            "hf_seqpar: train_sampling_strategy='batch_rebalance' deals batches by global rank, so the ranks of a "
+            "sequence-parallel group would get different samples; use 'random' or 'sequential'"
+        )
     text_config = trainer.model.config.get_text_config()
     heads = text_config.num_attention_heads
     config = config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
