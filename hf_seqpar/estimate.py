@@ -18,6 +18,7 @@ from pathlib import Path
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOSS_CHUNK_BYTES = 32 << 20  # float32 logits per loss chunk (integrations/memory.py)
+MLP_TILE_TOKENS = 256  # an MLP tile is max(this, hidden_size) tokens (integrations/memory.py)
 
 
 @dataclass(frozen=True)
@@ -185,10 +186,13 @@ def estimate_memory(
     lora: bool = False,
     dtype: str = "bfloat16",
     grad_ckpt: bool = True,
+    tiled_mlp: bool = False,
     shard_weights: int = 1,
 ) -> dict:
     """Bytes per GPU, by component. `shard_weights`: ZeRO-3 / FSDP degree over which weights, gradients and
-    optimizer states are split (1 = replicated, plain DDP-style sequence parallelism)."""
+    optimizer states are split (1 = replicated, plain DDP-style sequence parallelism). `tiled_mlp`: the MLP runs
+    over tiles of max(256, hidden) tokens, recomputed in the backward (hf_seqpar.memory.tiled): its four
+    intermediates are never stored, one tile's exist at a time."""
     e = DTYPE_BYTES[dtype]
     local = batch * seq_len // gpus
     trainable = m.lora_params if lora else m.params
@@ -197,12 +201,17 @@ def estimate_memory(
     gradients = trainable * grad_bytes / (1 if lora else shard_weights)
     optimizer = trainable * opt_bytes / (1 if lora else shard_weights)
     layer = _layer_bytes(m, e)
+    tile = 0
+    if tiled_mlp:
+        layer -= e * 4 * m.mlp_active
+        tile = min(local, max(MLP_TILE_TOKENS, m.hidden)) * e * 4 * m.mlp_active * 2  # intermediates and their grads
     head = e * m.hidden + _norm_bytes(m.hidden, e)  # embeddings' output, final norm
     if grad_ckpt:  # each layer keeps its input; the backward recomputes one layer at a time
         stored = local * (m.layers * e * m.hidden + head)
         working = local * layer
     else:
         stored, working = local * (m.layers * layer + head), 0
+    working += tile
     attention = _attention_buffer_bytes(m, mode, gpus, ulysses, local // batch, e) * batch
     lm_head_grad = 0 if lora else m.vocab * m.hidden * grad_bytes
     loss = {c: _loss_bytes(m, local, c, e, lm_head_grad) for c in (False, True)}
@@ -283,7 +292,7 @@ def report(args) -> str:
     mode, u, r, why = recommend(m, args.gpus, args.nodes)
     mem = estimate_memory(
         m, args.seq_len, args.gpus, mode=mode, ulysses=u, batch=args.batch, lora=args.lora, dtype=args.dtype,
-        grad_ckpt=not args.no_grad_ckpt, shard_weights=args.gpus if args.zero3 else 1,
+        grad_ckpt=not args.no_grad_ckpt, tiled_mlp=args.tiled_mlp, shard_weights=args.gpus if args.zero3 else 1,
     )  # fmt: skip
     t = step_times(m, args.seq_len, args.gpus, args.nodes, gpu, u, r, lora=args.lora, grad_ckpt=not args.no_grad_ckpt,
                    batch=args.batch, elem=DTYPE_BYTES[args.dtype])  # fmt: skip
@@ -294,7 +303,8 @@ def report(args) -> str:
         f"{m.head_dim}",
         f"{args.seq_len:,} tokens x batch {args.batch} on {args.gpus} x {args.gpu.upper()} ({args.nodes} node(s)): "
         f"{local:,} tokens per GPU, {args.dtype}, gradient checkpointing {'off' if args.no_grad_ckpt else 'on'}"
-        + (", ZeRO-3 over all GPUs" if args.zero3 else ""),
+        + (", ZeRO-3 over all GPUs" if args.zero3 else "")
+        + (", tiled MLP" if args.tiled_mlp else ""),
         "",
         "Memory per GPU",
         f"  weights              {_gib(mem['weights'])}",
@@ -335,6 +345,7 @@ def cli(argv=None) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off")
     parser.add_argument("--zero3", action="store_true", help="weights, gradients, optimizer sharded over all GPUs")
+    parser.add_argument("--tiled-mlp", action="store_true", help="SeqParConfig(tiled_mlp=True)")
     args = parser.parse_args(argv)
     try:
         print(report(args))

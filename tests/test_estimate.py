@@ -77,11 +77,12 @@ def _measure(world: int, seq: int, config: str, model: str = "tiny") -> int:
 def _estimate(world: int, seq: int, config: str, model: dict = TINY) -> int:
     shape = ModelShape.from_config({**model, "tie_word_embeddings": False})
     ckpt, savings = _memory_module().CONFIGS[config]
-    got = estimate_memory(shape, seq, world, mode="ring", dtype="float32", grad_ckpt=ckpt)
+    tiled = savings.get("tiled_mlp", False)
+    got = estimate_memory(shape, seq, world, mode="ring", dtype="float32", grad_ckpt=ckpt, tiled_mlp=tiled)
     return got["step_peak_chunked" if savings.get("chunked_loss") else "step_peak_plain"]
 
 
-CONFIGS = ["plain", "ckpt", "chunked_loss", "ckpt+chunked_loss"]
+CONFIGS = ["plain", "ckpt", "chunked_loss", "ckpt+chunked_loss", "tiled_mlp", "ckpt+chunked_loss+tiled_mlp"]
 
 
 @pytest.fixture
