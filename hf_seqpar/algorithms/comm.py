@@ -27,7 +27,7 @@ class RingExchange:
 
     def start(self, tensors: list[torch.Tensor]) -> None:
         if self._requests is not None:
-            raise RuntimeError("RingExchange.start called twice without wait")
+            raise RuntimeError("hf_seqpar: RingExchange.start called twice without wait")
         tensors = [t.contiguous() for t in tensors]  # P2P needs dense buffers; a no-op in the ring's steady state
         self._received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in tensors]
@@ -36,7 +36,7 @@ class RingExchange:
 
     def wait(self) -> list[torch.Tensor]:
         if self._requests is None:
-            raise RuntimeError("RingExchange.wait called before start")
+            raise RuntimeError("hf_seqpar: RingExchange.wait called before start")
         for request in self._requests:
             request.wait()
         received, self._requests, self._received = self._received, None, None

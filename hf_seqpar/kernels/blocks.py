@@ -26,9 +26,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         suits = q.is_cuda and q.dtype in _compat.VARLEN_DTYPES and _compat.flash_attn_available()
         return "flash_attn" if suits else "torch"
     if backend == "flash_attn" and not _compat.flash_attn_available():
-        raise ValueError("backend='flash_attn' needs the flash-attn package (pip install 'hf_seqpar[flash]')")
+        raise ValueError(
+            "hf_seqpar: backend='flash_attn' needs the flash-attn package (pip install 'hf_seqpar[flash]')"
+        )
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+        raise ValueError(f"hf_seqpar: backend={backend!r} is not one of {('auto',) + BACKENDS}")
     return backend
 
 

@@ -163,8 +163,9 @@ def _validated(rows: tuple[tuple[int, ...], ...], seq_len: int) -> tuple[tuple[i
     for offsets in rows:
         if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != seq_len:
             raise ValueError(
-                f"cu_seqlens must start at 0 and end at the full sequence length {seq_len}; got {list(offsets)[:8]}"
+                f"hf_seqpar: cu_seqlens must start at 0 and end at the full sequence length {seq_len}; got "
+                f"{list(offsets)[:8]}"
             )
         if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
-            raise ValueError(f"cu_seqlens must be strictly increasing; got {list(offsets)[:16]}")
+            raise ValueError(f"hf_seqpar: cu_seqlens must be strictly increasing; got {list(offsets)[:16]}")
     return rows
