@@ -154,3 +154,20 @@ def test_plans_built_once_per_step_and_no_host_reads(ranks, mode):
         assert built["block"] == want, built
         assert used["block"] == want * 3 * 2, used  # 3 layers x (forward + backward)
         assert reads == {}, reads
+
+
+def test_cuda_varlen_path_plumbing_on_meta_tensors():
+    # torch's FA2 varlen ops have meta kernels: the CUDA path's calls, shapes and layouts (flattened batch, lse
+    # [H, total], GQA gradients) run here without a GPU; the values are checked on a GPU (tests/gpu).
+    from hf_seqpar.kernels import blocks
+
+    placement = Placement.build(64, 4, "zigzag")
+    spec = MaskSpec(causal=True, window=9, docs=((0, 5, 30, 64), (0, 40, 64)))
+    q_segs, k_segs = placement.ranks[1], placement.ranks[2]
+    q = torch.empty(2, 16, 4, 8, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 16, 2, 8, dtype=torch.bfloat16, device="meta")
+    out, lse = blocks._varlen_fwd("aten", q, k, k, q_segs, k_segs, spec, 0.3, None, None, None)
+    assert (out.shape, lse.shape, out.dtype) == ((2, 16, 4, 8), (2, 4, 16), torch.float32)
+    grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device="meta") for t in (q, k, k))
+    dq, dk, dv = blocks._varlen_bwd("aten", q, q, k, k, out.bfloat16(), lse, q_segs, k_segs, spec, 0.3, None, grads)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
