@@ -49,24 +49,25 @@ class SeqParConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.sp_size, int) or self.sp_size < 1:
-            raise ValueError(f"sp_size={self.sp_size!r} must be a positive integer")
+            raise ValueError(f"hf_seqpar: sp_size={self.sp_size!r} must be a positive integer")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+                raise ValueError(f"hf_seqpar: {name}={getattr(self, name)!r} must be True or False")
         for name, allowed in (("mode", MODES), ("layout", LAYOUTS), ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+                raise ValueError(f"hf_seqpar: {name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("ulysses_size", "ring_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+                raise ValueError(f"hf_seqpar: {name}={value!r} must be a positive integer or None")
         if self.mode == "usp":
             self._check_usp_split()
         elif self.mode != "auto" and (self.ulysses_size, self.ring_size) != (None, None):
             u, r = self.split
             if (self.ulysses_size or u, self.ring_size or r) != (u, r):
                 raise ValueError(
-                    f"mode={self.mode!r} fixes ulysses_size={u}, ring_size={r} for sp_size={self.sp_size}; got "
+                    f"hf_seqpar: mode={self.mode!r} fixes ulysses_size={u}, ring_size={r} for "
+                    f"sp_size={self.sp_size}; got "
                     f"ulysses_size={self.ulysses_size}, ring_size={self.ring_size}. Use mode='usp' to choose a split"
                 )
 
@@ -74,14 +75,16 @@ class SeqParConfig:
         u, r = self.ulysses_size, self.ring_size
         if u is None and r is None:
             raise ValueError(
-                f"mode='usp' needs ulysses_size or ring_size (ulysses_size * ring_size == sp_size={self.sp_size}); "
+                f"hf_seqpar: mode='usp' needs ulysses_size or ring_size (ulysses_size * ring_size == "
+                f"sp_size={self.sp_size}); "
                 "or use mode='auto' to pick a split from the head counts"
             )
         u = u if u is not None else self.sp_size // r if self.sp_size % r == 0 else None
         r = r if r is not None else self.sp_size // u if u and self.sp_size % u == 0 else None
         if u is None or r is None or u * r != self.sp_size:
             raise ValueError(
-                f"mode='usp' needs ulysses_size * ring_size == sp_size; got ulysses_size={self.ulysses_size}, "
+                f"hf_seqpar: mode='usp' needs ulysses_size * ring_size == sp_size; got "
+                f"ulysses_size={self.ulysses_size}, "
                 f"ring_size={self.ring_size}, sp_size={self.sp_size}"
             )
 
@@ -94,7 +97,7 @@ class SeqParConfig:
         if self.mode == "ulysses":
             return self.sp_size, 1
         if self.mode == "auto":
-            raise ValueError("mode='auto' has no split until resolve(num_heads_q, num_heads_kv) picks one")
+            raise ValueError("hf_seqpar: mode='auto' has no split until resolve(num_heads_q, num_heads_kv) picks one")
         return 1, self.sp_size  # ring, allgather
 
     @property
@@ -124,12 +127,14 @@ class SeqParConfig:
         u, _ = cfg.split
         if num_heads_q % u != 0:
             raise ValueError(
-                f"sp_size={self.sp_size} (ulysses degree {u}) must divide num_attention_heads={num_heads_q} for "
+                f"hf_seqpar: sp_size={self.sp_size} (ulysses degree {u}) must divide "
+                f"num_attention_heads={num_heads_q} for "
                 f"mode={cfg.mode!r}; use mode='ring', 'allgather' or 'usp' with a ulysses_size dividing the heads"
             )
         if num_heads_q % num_heads_kv != 0:
             raise ValueError(
-                f"num_attention_heads={num_heads_q} must be a multiple of num_key_value_heads={num_heads_kv}"
+                f"hf_seqpar: num_attention_heads={num_heads_q} must be a multiple of "
+                f"num_key_value_heads={num_heads_kv}"
             )
         return cfg
 
@@ -160,10 +165,12 @@ class SeqParConfig:
                 try:
                     kwargs[f.name] = int(raw)
                 except ValueError:
-                    raise ValueError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r} must be an integer") from None
+                    raise ValueError(f"hf_seqpar: {_ENV_PREFIX}{f.name.upper()}={raw!r} must be an integer") from None
             elif f.name in _BOOL_FIELDS:
                 if raw.lower() not in _TRUE + _FALSE:
-                    raise ValueError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r} must be one of {_TRUE + _FALSE}")
+                    raise ValueError(
+                        f"hf_seqpar: {_ENV_PREFIX}{f.name.upper()}={raw!r} must be one of {_TRUE + _FALSE}"
+                    )
                 kwargs[f.name] = raw.lower() in _TRUE
             else:
                 kwargs[f.name] = raw

@@ -33,7 +33,7 @@ def required_multiple(world: int, layout: str) -> int:
         return 2 * world
     if layout == "contiguous":
         return world
-    raise ValueError(f"unknown layout {layout!r}; expected 'zigzag' or 'contiguous'")
+    raise ValueError(f"hf_seqpar: unknown layout {layout!r}; expected 'zigzag' or 'contiguous'")
 
 
 def check_length(seq_len: int, world: int, layout: str) -> None:
@@ -41,7 +41,8 @@ def check_length(seq_len: int, world: int, layout: str) -> None:
     if seq_len % multiple != 0 or seq_len == 0:
         padded = max(multiple, -(-seq_len // multiple) * multiple)
         raise ValueError(
-            f"sequence length {seq_len} must be a positive multiple of {multiple} for layout={layout!r} over "
+            f"hf_seqpar: sequence length {seq_len} must be a positive multiple of {multiple} for "
+            f"layout={layout!r} over "
             f"{world} ranks; pad it (SequenceShardingCollator does) to {padded}"
         )
 
@@ -96,7 +97,7 @@ class Placement:
     def outer(self, inner: int) -> Placement:
         """Placement over groups of `inner` consecutive ranks (USP ring level): group g holds its members' runs."""
         if self.world % inner != 0:
-            raise ValueError(f"inner group size {inner} must divide the group size {self.world}")
+            raise ValueError(f"hf_seqpar: inner group size {inner} must divide the group size {self.world}")
         groups = range(self.world // inner)
         return Placement(
             self.seq_len, tuple(self.group_gather(tuple(range(g * inner, (g + 1) * inner))).segments for g in groups)
@@ -138,7 +139,9 @@ class GroupGather:
 def shard(x: torch.Tensor, placement: Placement, rank: int, dim: int) -> torch.Tensor:
     """Full sequence -> `rank`'s shard, contiguous (HF code calls .view on batch tensors)."""
     if x.shape[dim] != placement.seq_len:
-        raise ValueError(f"tensor has length {x.shape[dim]} along dim {dim}; the placement is for {placement.seq_len}")
+        raise ValueError(
+            f"hf_seqpar: tensor has length {x.shape[dim]} along dim {dim}; the placement is for {placement.seq_len}"
+        )
     runs = [x.narrow(dim, s.start, s.length) for s in placement.ranks[rank]]
     return runs[0].contiguous() if len(runs) == 1 else torch.cat(runs, dim=dim)
 

@@ -34,7 +34,7 @@ class SeqParGroups:
             return self.sp_group, None
         if ulysses_size not in self.splits:
             raise ValueError(
-                f"no process groups for ulysses_size={ulysses_size} (built: {sorted(self.splits)}); "
+                f"hf_seqpar: no process groups for ulysses_size={ulysses_size} (built: {sorted(self.splits)}); "
                 "create the groups with init_groups(config) using this split or mode='auto'"
             )
         return self.splits[ulysses_size]
@@ -57,11 +57,11 @@ def init_groups(config: SeqParConfig) -> SeqParGroups:
     if not dist.is_available() or not dist.is_initialized():
         if config.sp_size == 1:
             return SeqParGroups(sp_group=None, sp_rank=0, sp_size=1, dp_group=None, dp_rank=0, dp_size=1)
-        raise ValueError(f"sp_size={config.sp_size} needs torch.distributed to be initialised first")
+        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} needs torch.distributed to be initialised first")
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % config.sp_size != 0:
         raise ValueError(
-            f"sp_size={config.sp_size} must divide world_size={world}; use an sp_size among "
+            f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world}; use an sp_size among "
             f"{[d for d in range(1, world + 1) if world % d == 0]}"
         )
     dp, sp = world // config.sp_size, config.sp_size

@@ -38,19 +38,22 @@ def gather_sequence(local: torch.Tensor, *, config: SeqParConfig, groups: SeqPar
 def _check_inputs(q, k, v, sinks, window, softcap) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"expected q [batch, seq_local, heads_q, head_dim] and k, v [batch, seq_local, heads_kv, head_dim] "
+            f"hf_seqpar: expected q [batch, seq_local, heads_q, head_dim] and k, v [batch, seq_local, heads_kv, "
+            "head_dim] "
             f"(v may have its own head_dim); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, seq_local or head_dim")
+        raise ValueError(
+            f"hf_seqpar: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, seq_local or head_dim"
+        )
     if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"heads_q={q.shape[2]} must be a multiple of heads_kv={k.shape[2]} (GQA/MQA)")
+        raise ValueError(f"hf_seqpar: heads_q={q.shape[2]} must be a multiple of heads_kv={k.shape[2]} (GQA/MQA)")
     if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window={window!r} must be a positive integer or None")
+        raise ValueError(f"hf_seqpar: window={window!r} must be a positive integer or None")
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap={softcap!r} must be positive or None")
+        raise ValueError(f"hf_seqpar: softcap={softcap!r} must be positive or None")
     if sinks is not None and tuple(sinks.shape) != (q.shape[2],):
-        raise ValueError(f"sinks must have shape (heads_q,) = ({q.shape[2]},); got {tuple(sinks.shape)}")
+        raise ValueError(f"hf_seqpar: sinks must have shape (heads_q,) = ({q.shape[2]},); got {tuple(sinks.shape)}")
 
 
 def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
@@ -111,12 +114,14 @@ def _attention(q, k, v, sinks, config, groups, causal, scale, cu_seqlens, window
     batch, seq_local, heads_q, head_dim = q.shape
     cfg = config.resolve(heads_q, k.shape[2])
     if groups.sp_size != cfg.sp_size:
-        raise ValueError(f"config.sp_size={cfg.sp_size} but the groups have sp_size={groups.sp_size}")
+        raise ValueError(f"hf_seqpar: config.sp_size={cfg.sp_size} but the groups have sp_size={groups.sp_size}")
     seq_len = seq_local * groups.sp_size
     placement = _placement(seq_len, cfg, groups)
     docs = docs_from_cu_seqlens(cu_seqlens, seq_len)
     if docs is not None and len(docs) not in (1, batch):
-        raise ValueError(f"cu_seqlens has {len(docs)} rows for batch size {batch}; give 1 row or one per row")
+        raise ValueError(
+            f"hf_seqpar: cu_seqlens has {len(docs)} rows for batch size {batch}; give 1 row or one per row"
+        )
     args = AttnArgs(
         spec=MaskSpec(causal=causal, window=window, docs=docs),
         scale=scale,

@@ -121,11 +121,14 @@ class SequenceShardingCollator:
         keep_unsharded: bool = False,
     ) -> None:
         if config.sp_size != groups.sp_size:
-            raise ValueError(f"config.sp_size={config.sp_size} but the groups have sp_size={groups.sp_size}")
+            raise ValueError(
+                f"hf_seqpar: config.sp_size={config.sp_size} but the groups have sp_size={groups.sp_size}"
+            )
         reason = None if allow_random else _random_reason(base_collator)
         if reason is not None:
             raise ValueError(
-                f"{reason}; every rank of a sequence-parallel group must draw the same masks for the same sample. "
+                f"hf_seqpar: {reason}; every rank of a sequence-parallel group must draw the same masks for the "
+                "same sample. "
                 "Mask in the dataset (before collation), or pass allow_random=True if you guarantee the same RNG "
                 "state on every SP rank"
             )
@@ -141,13 +144,14 @@ class SequenceShardingCollator:
         input_ids = batch.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"the base collator must return input_ids as a [batch, seq] tensor; got {got}")
+            raise ValueError(f"hf_seqpar: the base collator must return input_ids as a [batch, seq] tensor; got {got}")
         b, s = input_ids.shape
         for key in _SEQUENCE_KEYS:
             value = batch.get(key)
             if isinstance(value, torch.Tensor) and (value.dim() < 2 or tuple(value.shape[:2]) != (b, s)):
                 raise ValueError(
-                    f"{key} has shape {tuple(value.shape)} but input_ids is [{b}, {s}]; every sequence tensor must "
+                    f"hf_seqpar: {key} has shape {tuple(value.shape)} but input_ids is [{b}, {s}]; every sequence "
+                    "tensor must "
                     "be [batch, seq] with the same length (encoder-decoder labels and 3-D M-RoPE position_ids are "
                     "not supported)"
                 )
@@ -167,7 +171,8 @@ class SequenceShardingCollator:
             if not contiguous.all():
                 row = int((~contiguous).any(1).nonzero()[0])
                 raise ValueError(
-                    f"attention_mask row {row} has padding between real tokens ({real[row].int().tolist()}); only "
+                    f"hf_seqpar: attention_mask row {row} has padding between real tokens "
+                    f"({real[row].int().tolist()}); only "
                     "left or right padding can be sharded"
                 )
             if lead.any():  # left padding -> right padding: roll each row left by its pad count

@@ -83,7 +83,8 @@ def exact_compute_loss(trainer, state: EvalState):
     def compute_loss_sp(model, inputs, *args, **kwargs):
         if DOCS_KEY not in inputs:
             raise RuntimeError(
-                f"this batch was not sharded by hf_seqpar (no '{DOCS_KEY}'): the Trainer's data_collator was replaced "
+                f"hf_seqpar: this batch was not sharded by hf_seqpar (no '{DOCS_KEY}'): the Trainer's "
+                "data_collator was replaced "
                 "after Trainer.__init__, or a custom get_*_dataloader bypasses it"
             )
         inputs.pop(UNSHARDED_KEY, None)  # a record for metrics and logs, no model input
@@ -194,7 +195,8 @@ def exact_prediction_step(trainer, state: EvalState):
         rows: UnshardedRows | None = sharded.pop(UNSHARDED_KEY, None)
         if rows is None:
             raise RuntimeError(
-                f"this eval batch has no '{UNSHARDED_KEY}': it did not come from the Trainer's hf_seqpar collator "
+                f"hf_seqpar: this eval batch has no '{UNSHARDED_KEY}': it did not come from the Trainer's "
+                "hf_seqpar collator "
                 "(a custom get_eval_dataloader, or a data_collator replaced after Trainer.__init__)"
             )
         loss, logits, _ = prediction_step(model, sharded, prediction_loss_only, ignore_keys=ignore_keys)

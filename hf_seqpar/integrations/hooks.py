@@ -23,7 +23,7 @@ def check_params(fn, names: tuple[str, ...], what: str) -> None:
     missing = [name for name in names if name not in inspect.signature(fn).parameters]
     if missing:
         raise RuntimeError(
-            f"hf_seqpar cannot hook {what}: its parameters {missing} are gone in the installed version "
+            f"hf_seqpar: cannot hook {what}: its parameters {missing} are gone in the installed version "
             f"({versions()}); hf_seqpar supports transformers 5.x and accelerate 1.1x"
         )
 

@@ -32,16 +32,20 @@ def read_config_file(path: str | os.PathLike) -> tuple[SeqParConfig | None, dict
     text = path.read_text()
     data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: an accelerate config file must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"hf_seqpar: {path}: an accelerate config file must be a mapping, got {type(data).__name__}")
     section = data.pop(SECTION, None)
     if section is None:
         return None, data
     if not isinstance(section, dict):
-        raise ValueError(f"{path}: the '{SECTION}:' section must be a mapping of SeqParConfig fields, got {section!r}")
+        raise ValueError(
+            f"hf_seqpar: {path}: the '{SECTION}:' section must be a mapping of SeqParConfig fields, got {section!r}"
+        )
     known = [f.name for f in dataclasses.fields(SeqParConfig)]
     unknown = sorted(set(section) - set(known))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} in the '{SECTION}:' section; the known keys are {known}")
+        raise ValueError(
+            f"hf_seqpar: {path}: unknown keys {unknown} in the '{SECTION}:' section; the known keys are {known}"
+        )
     return SeqParConfig(**section), data
 
 
@@ -105,7 +109,7 @@ def launch(argv: Sequence[str]) -> None:
     config = config or SeqParConfig.from_env()
     world = args.num_processes or cluster.get("num_processes")
     if world and world > 0 and world % config.sp_size:
-        raise ValueError(f"sp_size={config.sp_size} must divide world_size={world} (num_processes)")
+        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world} (num_processes)")
 
     # Every worker runs `python -m hf_seqpar [-m] script args`: SP is switched on before the script's own code.
     script = [args.training_script, *args.training_script_args]

@@ -57,6 +57,6 @@ def install_data_loader_hook() -> None:
             bound_somewhere |= module_name == "accelerate.accelerator"
     if not bound_somewhere:
         raise RuntimeError(
-            f"hf_seqpar cannot hook data loaders: accelerate.accelerator no longer calls prepare_data_loader from "
+            f"hf_seqpar: cannot hook data loaders: accelerate.accelerator no longer calls prepare_data_loader from "
             f"accelerate.data_loader ({versions()})"
         )

@@ -350,7 +350,7 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     if _text_config(base.config)._attn_implementation != impl:
         raise NotImplementedError(f"hf_seqpar: {type(base).__name__} refused attn_implementation={impl!r}")
     originals = [(c, before[id(c)]) for c in _configs(base) if c._attn_implementation_internal == impl]
-    state = SeqParState(config=config, groups=groups, impl=impl, originals=originals)
+    state = SeqParState(config=resolved, groups=groups, impl=impl, originals=originals)
     install_router_loss(base, groups)
     for module in modules:
         setattr(module, STATE_ATTR, state)
