@@ -63,15 +63,16 @@ def test_no_device_sync_in_forward_or_backward():
         ]
         torch.autograd.backward(outs, [dout] * 3)
 
-    step()  # builds the plans and their device offsets once
+    def ranks():  # four simulated ranks, Ulysses 2 x ring 2: all-to-all copies, ring hops, merges
+        args = AttnArgs(spec=MaskSpec(causal=True, docs=(DOCS,)), scale=DIM**-0.5, softcap=None, backend="torch")
+        return simulate(q, k, v, mode="usp", world=4, ulysses=2, dout=dout, timed=False, args=args)
+
+    step(), ranks()  # the first step of a batch builds its plans and their device offsets
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync from here on raises
     try:
         step()
-        got = simulate(
-            q, k, v, mode="usp", world=4, ulysses=2, dout=dout, timed=False,
-            args=AttnArgs(spec=MaskSpec(causal=True, docs=(DOCS,)), scale=DIM**-0.5, softcap=None, backend="torch"),
-        )  # fmt: skip
+        got = ranks()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert got["out"].shape == q.shape
