@@ -7,6 +7,7 @@ chunks do not divide the sequence. Tolerances: float32 rounding of the same per-
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -218,10 +219,12 @@ def test_savings_are_undone_and_refused_with_reasons():
     model = _model("llama")
     apply_memory_savings(model, hf_seqpar.SeqParConfig(**ALL))
     assert "forward" in vars(model) and "forward" in vars(model.model.layers[0].mlp)
+    ids, labels = _batch()
+    with pytest.raises(RuntimeError, match="^hf_seqpar: this LlamaForCausalLM is a copy"):
+        copy.deepcopy(model)(input_ids=ids, labels=labels)
     remove_memory_savings(model)
     assert "forward" not in vars(model) and "forward" not in vars(model.model) and not hasattr(model, STATE_ATTR)
 
-    ids, labels = _batch()
     model = apply_memory_savings(_model("llama"), hf_seqpar.SeqParConfig(offload_checkpoints=True))
     with pytest.raises(ValueError, match="^hf_seqpar: offload_checkpoints .* gradient checkpointing is off"):
         model(input_ids=ids, labels=labels)

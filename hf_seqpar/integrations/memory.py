@@ -73,7 +73,18 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _install(state: MemoryState, module: torch.nn.Module, make_forward) -> None:
     """Give `module` an instance forward `make_forward(original)`, bound like a method, with the class signature."""
     previous = vars(module).get("forward")  # an instance forward already there (TRL's fused head), or None
-    forward = functools.wraps(type(module).forward)(make_forward(module.forward))
+    saving_forward = make_forward(module.forward)
+
+    @functools.wraps(type(module).forward)
+    def forward(self, *args, **kwargs):
+        if self is not module:  # copy.deepcopy rebinds the method, but the closure still holds the original module
+            raise RuntimeError(
+                f"hf_seqpar: this {type(self).__name__} is a copy of a model with memory savings, and its forward "
+                "would run the original's modules; remove_memory_savings(model) before copying, then apply them to "
+                "each copy"
+            )
+        return saving_forward(self, *args, **kwargs)
+
     module.forward = types.MethodType(forward, module)
     state.patched.append((module, forward, previous))
 
