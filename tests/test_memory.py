@@ -319,6 +319,15 @@ def test_config_fields_env_and_launcher_section(tmp_path):
     assert read_config_file(path)[0] == hf_seqpar.SeqParConfig(chunked_loss=True, tiled_mlp=True)
 
 
+def test_plugin_prepare_applies_the_savings_at_sp_size_1():
+    from types import SimpleNamespace
+
+    model = _model("llama")
+    plugin = hf_seqpar.SequenceParallelPlugin(hf_seqpar.SeqParConfig(chunked_loss=True, tiled_mlp=True))
+    (prepared,) = plugin.prepare(SimpleNamespace(prepare=lambda *objects: objects), model)
+    assert prepared is model and getattr(model, STATE_ATTR).config.memory_savings == ("chunked_loss", "tiled_mlp")
+
+
 _SCRIPT = """
 import sys, torch, transformers
 sys.path.insert(0, {tests!r})
