@@ -23,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..algorithms import sequence_parallel_attention
 from ..config import SeqParConfig
+from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
 
 logger = logging.getLogger("hf_seqpar")
@@ -77,7 +78,9 @@ class SeqParState:
         also cut every `chunk` tokens (Llama-4 chunked attention: block-diagonal causal blocks)."""
         if self._docs_cache[0] is not offsets or self._docs_cache[1] != chunk:
             rows = []
-            for row in offsets.tolist():
+            # DocumentOffsets live on the host: reading them costs no device sync (a tensor moved to the GPU does)
+            for row in offsets.rows if isinstance(offsets, DocumentOffsets) else offsets.tolist():
+                row = list(row)
                 while len(row) > 2 and row[-1] == row[-2]:  # right padding by repetition
                     row.pop()
                 if chunk:  # chunks count from each document's start, as when the document runs alone
