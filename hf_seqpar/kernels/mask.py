@@ -124,6 +124,10 @@ class DocumentOffsets:
     def __hash__(self) -> int:
         return self._hash
 
+    def to(self, *args, **kwargs) -> DocumentOffsets:
+        """Stays on the host: `{k: v.to(device) for k, v in batch.items()}` loops and accelerate keep working."""
+        return self
+
     @classmethod
     def from_padded(cls, offsets) -> DocumentOffsets:
         """From a host [B, K] int tensor / nested list whose short rows repeat the last offset (the collator's
