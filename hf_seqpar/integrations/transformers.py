@@ -326,6 +326,10 @@ def _check_forward(model: PreTrainedModel) -> None:
         )
 
 
+def _not_ours(impl: str | None) -> str | None:
+    return "sdpa" if isinstance(impl, str) and impl.startswith("hf_seqpar_") else impl
+
+
 def _configs(model: torch.nn.Module) -> list:
     """Every distinct config object the model's modules read their attention implementation from."""
     seen = {}
@@ -348,7 +352,8 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     remove_sequence_parallel(model)  # a second apply replaces the first
     impl = f"hf_seqpar_{config.mode}"
     AttentionInterface.register(impl, seqpar_attention_forward)
-    before = {id(c): c._attn_implementation_internal for c in _configs(base)}
+    # A model loaded with our name already (TRL builds reference models from the policy's config) falls back to SDPA.
+    before = {id(c): _not_ours(c._attn_implementation_internal) for c in _configs(base)}
     base.set_attn_implementation(impl)
     if _text_config(base.config)._attn_implementation != impl:
         raise NotImplementedError(f"hf_seqpar: {type(base).__name__} refused attn_implementation={impl!r}")
