@@ -171,3 +171,21 @@ def test_cuda_varlen_path_plumbing_on_meta_tensors():
     grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device="meta") for t in (q, k, k))
     dq, dk, dv = blocks._varlen_bwd("aten", q, q, k, k, out.bfloat16(), lse, q_segs, k_segs, spec, 0.3, None, grads)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
+
+
+def test_attention_state_reads_host_offsets_without_tensor_reads():
+    # The integration's per-step document cache: the collator's padded int32 tensor and DocumentOffsets give the same
+    # rows; DocumentOffsets (what the collator should emit, see kernels/mask.py) are read without touching a tensor.
+    from hf_seqpar.integrations.transformers import SeqParState
+
+    config = hf_seqpar.SeqParConfig(sp_size=1)
+    groups = hf_seqpar.init_groups(config)
+    padded = torch.tensor([[0, 5, 9, 16, 16], [0, 16, 16, 16, 16]], dtype=torch.int32)
+    from_tensor = SeqParState(config=config, groups=groups, impl="x", originals=[]).documents(padded)
+    host = DocumentOffsets.from_padded(padded)
+    with _count_host_reads() as reads:
+        from_host = SeqParState(config=config, groups=groups, impl="x", originals=[]).documents(host, chunk=4)
+        plain = SeqParState(config=config, groups=groups, impl="x", originals=[]).documents(host)
+    assert reads == {}
+    assert plain == from_tensor == ((0, 5, 9, 16), (0, 16))
+    assert from_host == ((0, 4, 5, 9, 13, 16), (0, 4, 8, 12, 16))  # Llama-4 chunks from each document's start
