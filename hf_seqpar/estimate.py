@@ -166,13 +166,15 @@ def _loss_bytes(m: ModelShape, local: int, chunked: bool, e: int, lm_head_grad: 
     """Logits and cross-entropy at their peak, the start of the backward. Plain: the log-softmax backward holds its
     saved float32 output, the gradient into it and the one out of it (12 B per logit), or later the logits'
     gradient with lm_head's weight gradient. Chunked (hf_seqpar/memory/chunked_loss.py): one float32 [chunk, vocab]
-    buffer of ~32 MiB (recomputed logits turned into their gradient in place) and lm_head's weight gradient twice
-    (the running sum and the chunk's), three times with several chunks: as measured by benchmarks/memory.py."""
+    buffer of ~32 MiB (recomputed logits turned into their gradient in place), lm_head's weight-gradient sum in
+    float32, and one chunk's weight gradient (two while the next chunk's is computed): as measured by
+    benchmarks/memory.py."""
     low = e if e != 4 else 0  # a bf16 model's logits before the float32 upcast
     if not chunked:
         return max(12 * local * m.vocab, (4 + low) * local * m.vocab + lm_head_grad)
     tokens = min(local, max(64, LOSS_CHUNK_BYTES // (4 * m.vocab)))
-    return (4 + low) * tokens * m.vocab + (2 if tokens == local else 3) * lm_head_grad
+    running_sum = 4 * m.vocab * m.hidden if lm_head_grad else 0
+    return (4 + low) * tokens * m.vocab + running_sum + (1 if tokens == local else 2) * lm_head_grad
 
 
 def estimate_memory(
