@@ -12,6 +12,7 @@ with the model's original attention: forward hooks on the model switch it back f
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 import sys
@@ -120,13 +121,22 @@ def _original_attention(module: torch.nn.Module, state: SeqParState):
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
 
 
+@functools.cache
+def _builds_sliding_masks(modeling_module: str) -> bool:
+    """Does this modeling file ever build a sliding-window mask? (Moshi keeps a sliding_window it never uses.)"""
+    try:
+        return "create_sliding_window_causal_mask" in inspect.getsource(sys.modules[modeling_module])
+    except (OSError, TypeError, KeyError):
+        return True
+
+
 def _config_window(module: torch.nn.Module) -> int | None:
     """The sliding window the model's own mask would apply to this module's layer (for modules that do not pass
     `sliding_window` to the attention function: their plain run gets the window from the mask alone)."""
     config, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if not window:
+    if not window or not _builds_sliding_masks(type(module).__module__):
         return None
     if layer_types and layer is not None:
         return window if layer_types[layer] == "sliding_attention" else None
@@ -279,6 +289,11 @@ def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> tuple[list
         raise NotImplementedError(
             f"hf_seqpar: {name} has cross-attention ({crossing}) between the sequence and another one it builds "
             "itself (patches, encoder states) with its own mask; only self-attention can be sharded"
+        )
+    if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):
+        raise NotImplementedError(
+            f"hf_seqpar: {name} numbers positions from padding_idx + 1 and counts them from input_ids (RoBERTa-style "
+            "embeddings), not from the 0-based position_ids that sequence sharding needs; this family is not supported"
         )
     if not model._can_set_attn_implementation():
         raise NotImplementedError(
