@@ -1,0 +1,139 @@
+"""recipes/: each recipe's script, run with --tiny under `hf-seqpar launch` on 2 CPU processes (its own accelerate
+config's mode and savings, scaled to 2 ranks), logs the loss and grad_norm of the same script run plainly (in this
+process, no hf_seqpar); each config is valid for its GPUs; the README's token arithmetic is the scripts' and configs'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_seqpar.integrations.launch import read_config_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+NAMES = sorted(p.parent.name for p in RECIPES.glob("*/train.py"))
+RTOL = 1e-4  # float32 sums of shard partials in another order than the plain run (observed: ~1e-7)
+TIMEOUT_S = 240
+
+
+def test_every_recipe_is_found():
+    assert NAMES == ["llama31_8b_128k_ring", "mistral_7b_64k_sliding", "qwen25_7b_256k_usp"]
+
+
+def _cpu_config(name: str, directory: Path) -> Path:
+    """The recipe's hf_seqpar section on 2 CPU processes: sp_size 2, same mode (usp keeps its inner Ulysses dim)."""
+    section = yaml.safe_load((RECIPES / name / "accelerate_config.yaml").read_text())["hf_seqpar"]
+    section["sp_size"] = 2
+    if section["mode"] == "usp":
+        section.update(ulysses_size=2, ring_size=1)
+    config = {"distributed_type": "MULTI_CPU", "use_cpu": True, "num_machines": 1, "num_processes": 2}
+    path = directory / "cpu_sp2.yaml"
+    path.write_text(yaml.safe_dump({**config, "hf_seqpar": section}))
+    return path
+
+
+def _hf_seqpar_cli() -> list:
+    script = shutil.which("hf-seqpar", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-c", "from hf_seqpar.__main__ import cli; cli()"]
+
+
+def _curve(log_file: Path) -> list[tuple[int, float, float]]:
+    rows = json.loads(log_file.read_text())
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def _plain_run(name: str, out: Path) -> list:
+    """The script's own `main` in this process: no hf_seqpar, one process, whole rows."""
+    from accelerate.state import AcceleratorState
+
+    main = runpy.run_path(str(RECIPES / name / "train.py"), run_name="recipe_plain")["main"]
+    try:
+        main(["--tiny", "--output_dir", str(out), "--log_file", str(out / "log.json")])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate state to later tests
+    return _curve(out / "log.json")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_tiny_under_sp_matches_plain_run(name, tmp_path):
+    sp_out, plain_out = tmp_path / "sp", tmp_path / "plain"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_SEQPAR_")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="0", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    cmd = [*_hf_seqpar_cli(), "launch", "--config_file", _cpu_config(name, tmp_path), RECIPES / name / "train.py"]
+    cmd += ["--tiny", "--output_dir", sp_out, "--log_file", sp_out / "log.json"]
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert done.returncode == 0, f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}"
+    assert "hf_seqpar: world 2 = DP 1 x SP 2" in done.stdout
+    assert (sp_out / "adapter_model.safetensors").exists()  # the LoRA adapter is saved
+
+    sp, plain = _curve(sp_out / "log.json"), _plain_run(name, plain_out)
+    assert [s for s, *_ in sp] == [s for s, *_ in plain] == [1, 2, 3, 4]
+    for (step, loss, grad), (_, loss_ref, grad_ref) in zip(sp, plain, strict=True):
+        assert loss == pytest.approx(loss_ref, rel=RTOL), f"step {step} loss"
+        assert grad == pytest.approx(grad_ref, rel=RTOL), f"step {step} grad_norm"
+    assert plain[-1][1] < plain[0][1]  # and the tiny run learns something: the comparison is not of constants
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_config_fits_its_gpus(name):
+    config, cluster = read_config_file(RECIPES / name / "accelerate_config.yaml")
+    assert cluster["num_processes"] == 8 and cluster["num_processes"] % config.sp_size == 0
+    assert cluster["mixed_precision"] == "bf16"
+
+
+def _readme_rows() -> dict[str, tuple[int, int, int]]:
+    """recipe directory -> (tokens per sequence, sp_size, tokens per rank) from recipes/README.md's table."""
+    rows = {}
+    pattern = r"\[`(\w+)/`\].*?`1 x ([\d,]+) tokens / sp (\d+) = ([\d,]+) per rank`"
+    for line in (RECIPES / "README.md").read_text().splitlines():
+        found = re.search(pattern, line)
+        if found:
+            name, *numbers = found.groups()
+            rows[name] = tuple(int(n.replace(",", "")) for n in numbers)
+    return rows
+
+
+def test_readme_token_arithmetic_is_the_recipes():
+    rows = _readme_rows()
+    assert sorted(rows) == NAMES
+    for name, (tokens, sp_size, per_rank) in rows.items():
+        source = (RECIPES / name / "train.py").read_text()
+        default = re.search(r'"--max_length", type=int, default=(\d+)', source)
+        config, _ = read_config_file(RECIPES / name / "accelerate_config.yaml")
+        assert (tokens, sp_size) == (int(default.group(1)), config.sp_size), name
+        assert per_rank * sp_size == tokens, name
+
+
+ESTIMATE_INPUTS = {  # recipe -> (hf_seqpar.estimate preset, tokens per sequence, ranks sharing it, mode, ulysses)
+    "llama31_8b_128k_ring": ("llama3-8b", 131072, 8, "ring", 1),
+    "qwen25_7b_256k_usp": ("qwen2.5-7b", 262144, 8, "usp", 4),
+    "mistral_7b_64k_sliding": ("mistral-7b", 65536, 4, "ulysses", 4),
+}
+
+
+def test_readme_memory_is_the_estimate():
+    """recipes/README.md's per-GPU totals are what hf_seqpar.estimate computes for each recipe's shape."""
+    from hf_seqpar.estimate import GIB, PRESETS, ModelShape, estimate_memory
+
+    text = (RECIPES / "README.md").read_text()
+    for name, (preset, tokens, ranks, mode, ulysses) in ESTIMATE_INPUTS.items():
+        config, _ = read_config_file(RECIPES / name / "accelerate_config.yaml")
+        assert (config.sp_size, config.mode, config.split[0]) == (ranks, mode, ulysses), name
+        memory = estimate_memory(ModelShape.from_config(PRESETS[preset]), tokens, ranks, mode=mode, ulysses=ulysses,
+                                 lora=True)  # fmt: skip
+        row = re.search(rf"^\| {name} \|.*\*\*([\d.]+)\*\* \| ([\d.]+) \|$", text, re.M)
+        assert row, f"no memory row for {name}"
+        assert float(row.group(1)) == round(memory["total_chunked"] / GIB, 1), name
+        assert float(row.group(2)) == round(memory["total_plain"] / GIB, 1), name
