@@ -21,6 +21,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLCollat
 
 from hf_seqpar import SeqParConfig, SeqParGroups, layout
 from hf_seqpar.integrations import SequenceShardingCollator
+from hf_seqpar.kernels import DocumentOffsets
 
 CONFIGS = {
     "ring-zigzag-2": SeqParConfig(sp_size=2, mode="ring"),
@@ -87,13 +88,15 @@ def _all_ranks(base, features, cfg: SeqParConfig, **kwargs) -> tuple[dict, list[
     assert not keys & {"attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
     for s in shards:
         assert torch.equal(s["labels"], s["shift_labels"])
-        assert s["seqpar_cu_seqlens"].dtype == torch.int32
-        assert torch.equal(s["seqpar_cu_seqlens"], shards[0]["seqpar_cu_seqlens"])
+        assert isinstance(s["seqpar_cu_seqlens"], DocumentOffsets)  # host-side: attention reads it with no sync
+        assert s["seqpar_cu_seqlens"] == shards[0]["seqpar_cu_seqlens"]
     s_pad = shards[0]["input_ids"].shape[1] * cfg.sp_size
     placement = layout.Placement.build(s_pad, cfg.sp_size, cfg.resolved_layout)
     tensors = [k for k in keys if k != "seqpar_cu_seqlens" and isinstance(shards[0][k], torch.Tensor)]
     full = {k: layout.unshard([s[k] for s in shards], placement, dim=1) for k in tensors}
-    full["cu_seqlens"] = shards[0]["seqpar_cu_seqlens"]
+    rows = shards[0]["seqpar_cu_seqlens"].rows  # back to the padded [B, K] form the references are written in
+    width = max(len(r) for r in rows)
+    full["cu_seqlens"] = torch.tensor([list(r) + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.int32)
     return full, shards
 
 

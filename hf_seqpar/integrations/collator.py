@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import layout
 from ..config import SeqParConfig
+from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
 
 IGNORE_INDEX = -100
@@ -99,8 +100,9 @@ class SequenceShardingCollator:
     `input_ids`; `shift_labels` (labels shifted on the full sequence, -100 at padding and at every document's
     last token); `labels` (the same tensor, so a Trainer counting `labels` counts each target once); global
     `position_ids` (restarting at 0 per packed document); any other [B, S] tensor of the batch. Plus
-    `seqpar_cu_seqlens`: int32 [B, K] document offsets into the FULL padded row (0 ... S_pad), short rows
-    right-padded by repeating S_pad; the padding of each row is a document of its own. And `seqpar_real_tokens`:
+    `seqpar_cu_seqlens`: a `DocumentOffsets`, per row the document offsets into the FULL padded row (0 ... S_pad),
+    held on the host (Trainer and accelerate do not move it, so attention reads it without a device sync); the
+    padding of each row is a document of its own. And `seqpar_real_tokens`:
     bool [B, S_pad / sp_size], this rank's tokens that are not padding (what attention_mask said).
     Dropped: `attention_mask`, `cu_seq_lens_q/k`, `max_length_q/k`, `seq_idx`. Other entries pass through unchanged.
 
@@ -232,7 +234,7 @@ class SequenceShardingCollator:
         for key in {*seq_keys, "shift_labels", "position_ids"}.difference(_DROPPED, ["labels"]):
             batch[key] = layout.shard(batch[key], placement, self.groups.sp_rank, dim=1)
         batch["labels"] = batch["shift_labels"]  # a Trainer counting `labels` then counts each target once
-        batch["seqpar_cu_seqlens"] = cu_seqlens
+        batch["seqpar_cu_seqlens"] = DocumentOffsets.from_padded(cu_seqlens)  # stays on the host: no sync to read it
         batch["seqpar_real_tokens"] = layout.shard(~pad, placement, self.groups.sp_rank, dim=1)  # MoE router stats
         if self.keep_unsharded:
             batch[UNSHARDED_KEY] = UnshardedRows(s, s_pad, lead, base_labels, mask_sum)

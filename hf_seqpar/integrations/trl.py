@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import layout
 from ..config import SeqParConfig
+from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
 from .collator import IGNORE_INDEX, SequenceShardingCollator
 from .evaluation import dp_gather_for_metrics, startup_line
@@ -230,7 +231,7 @@ def shard_rows(input_ids, attention_mask, labels, placement: layout.Placement, r
         "shift_labels": shift_labels,
     }
     sharded = {key: layout.shard(value, placement, rank, dim=1) for key, value in whole.items()}
-    return {**sharded, DOCS_KEY: cu_seqlens.to(input_ids.device)}
+    return {**sharded, DOCS_KEY: DocumentOffsets.from_padded(cu_seqlens)}  # host-side: attention reads it, no sync
 
 
 def sharded_fused_forward(fused_forward, state: WholeSequenceState, model_name: str):
