@@ -298,14 +298,15 @@ def table(points: list[dict]) -> str:
 
 
 def per_token_table(points: list[dict]) -> str:
-    """Markdown: per configuration and sp, the growth per token of the sequence (slope between the shortest and the
-    longest sequence) and what is left at zero length (parameter gradients, fixed-size chunk buffers)."""
+    """Markdown: per configuration and sp measured at 3 or more lengths, the growth per token of the sequence (slope
+    between the shortest and the longest) and what is left at zero length (parameter gradients, fixed-size chunk
+    buffers). With fewer points a line could hide a change of the phase that holds the peak."""
     lines = ["| configuration | sp | bytes per token of the sequence | fixed part |", "|---|---|---|---|"]
     for config in dict.fromkeys(p["config"] for p in points):
         for sp in sorted({p["sp"] for p in points}):
             mine = sorted((p["seq"], p["peak_bytes_max"]) for p in points
                           if p["config"] == config and p["sp"] == sp and p["peak_bytes_max"] is not None)  # fmt: skip
-            if len(mine) < 2:
+            if len(mine) < 3:
                 continue
             (s0, b0), (s1, b1) = mine[0], mine[-1]
             slope = (b1 - b0) / (s1 - s0)

@@ -37,6 +37,12 @@ def _target_log_probs_and_lse(logits: torch.Tensor, targets: torch.Tensor, ignor
     return torch.where(valid, picked - lse, 0.0), lse
 
 
+def _add_into(sums: list[torch.Tensor], grads) -> None:
+    for total, grad in zip(sums, grads, strict=True):
+        if grad is not None:  # a parameter logits_fn did not use this time
+            total += grad
+
+
 class ChunkedTargetLogProbs(torch.autograd.Function):
     """log p(target) per token, [T] float32, from `hidden` [T, H], chunk by chunk over the T tokens.
 
@@ -88,14 +94,12 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
                     grad_logits = logits.detach().sub_(lse[start:stop, None]).exp_().mul_(-weight[:, None])
                     grad_logits.scatter_add_(1, torch.where(valid, chunk_targets, 0)[:, None], weight[:, None])
                 inputs = ([chunk] if needs_hidden else []) + wanted
-                grads = list(torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True)) if inputs else []
+                grads = torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True) if inputs else ()
                 del logits, grad_logits
                 if needs_hidden:
-                    grad_hidden[start:stop] = grads.pop(0)
-                for i, need in enumerate(needs_params):
-                    grad = grads.pop(0) if need else None
-                    if grad is not None:
-                        grad_params[i] += grad
+                    grad_hidden[start:stop] = grads[0]
+                _add_into([g for g in grad_params if g is not None], grads[int(needs_hidden) :])
+                del grads  # before the next chunk: a chunk's parameter gradient is as large as the parameter
         grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params, strict=True)]
         return (grad_hidden, None, None, None, None, *grad_params)
 
