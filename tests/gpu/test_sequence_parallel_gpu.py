@@ -118,3 +118,38 @@ def test_small_llama_one_rank_matches_the_plain_model():
     for (name, p), q in zip(plain.named_parameters(), ours.parameters(), strict=True):
         cos = torch.nn.functional.cosine_similarity(p.grad.float().flatten(), q.grad.float().flatten(), dim=0)
         assert cos > 0.99, (name, cos.item())
+
+
+def test_model_step_has_no_device_sync_in_attention():
+    # The collator's documents are host-side DocumentOffsets: after a first step (plans, device offsets), a small
+    # Llama's forward and backward through hf_seqpar attention must not sync. A failure's traceback names the op; one
+    # outside hf_seqpar (transformers' own code) is reported, not ours to fix.
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, attention_dropout=0.0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    config = hf_seqpar.SeqParConfig(sp_size=1)
+    groups = hf_seqpar.init_groups(config)
+    hf_seqpar.apply_sequence_parallel(model, config=config, groups=groups)
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(3, 1000, (n,), generator=gen) for n in (300, 1200, 48)]
+
+    def pack(features):
+        ids = torch.cat([f["input_ids"] for f in features])[None]
+        pos = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
+        return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
+
+    batch = hf_seqpar.SequenceShardingCollator(pack, config=config, groups=groups)([{"input_ids": d} for d in docs])
+    assert isinstance(batch["seqpar_cu_seqlens"], DocumentOffsets)
+    batch = {k: v.to("cuda") for k, v in batch.items()}  # DocumentOffsets.to() stays on the host
+    total = torch.tensor(sum(len(d) - 1 for d in docs), device="cuda")
+    model(**batch, num_items_in_batch=total).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(**batch, num_items_in_batch=total).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
