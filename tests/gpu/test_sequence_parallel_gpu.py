@@ -7,6 +7,8 @@ Run on a GPU machine with `make gpu-check`; deselected by default.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -85,9 +87,9 @@ def test_small_llama_one_rank_matches_the_plain_model():
         vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, attention_dropout=0.0,
     )  # fmt: skip
-    torch.manual_seed(0)
-    plain = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
-    ours = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    torch.manual_seed(0)  # a config object each: switching one model's attention must not switch the other's
+    plain = transformers.LlamaForCausalLM(copy.deepcopy(cfg)).to("cuda", torch.bfloat16)
+    ours = transformers.LlamaForCausalLM(copy.deepcopy(cfg)).to("cuda", torch.bfloat16)
     ours.load_state_dict(plain.state_dict())
     config = hf_seqpar.SeqParConfig(sp_size=1)
     groups = hf_seqpar.init_groups(config)
