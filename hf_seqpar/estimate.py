@@ -156,8 +156,11 @@ def _attention_buffer_bytes(m: ModelShape, mode: str, world: int, u: int, local:
     if mode == "allgather":  # full K/V, then the full dK/dV in float32
         return world * local * kv * (2 * e + 2 * 4) + local * q * 4
     tokens, q_part, kv_part = local * u, q // u, kv // u  # the Ulysses group's tokens, this rank's heads
-    # out accumulator + dq in float32, K/V in flight (two shards), dK/dV partial sums (own, fresh, received)
-    ring_side = tokens * (2 * q_part * 4 + 2 * 2 * kv_part * e + 3 * 2 * kv_part * 4)
+    ring = (world // u) > 1
+    in_flight = 2 * 2 * kv_part * e if ring else 0  # the K/V shard being sent and the one arriving
+    forward = q_part * 4 + in_flight  # float32 output accumulator
+    backward = q_part * 4 + (3 if ring else 1) * 2 * kv_part * 4 + in_flight  # dq, dK/dV (fresh, own, received)
+    ring_side = tokens * max(forward, backward)
     a2a_side = tokens * (2 * q_part + 2 * kv_part) * e if u > 1 else 0
     return ring_side + a2a_side
 
@@ -167,14 +170,13 @@ def _loss_bytes(m: ModelShape, local: int, chunked: bool, e: int, lm_head_grad: 
     saved float32 output, the gradient into it and the one out of it (12 B per logit), or later the logits'
     gradient with lm_head's weight gradient. Chunked (hf_seqpar/memory/chunked_loss.py): one float32 [chunk, vocab]
     buffer of ~32 MiB (recomputed logits turned into their gradient in place), lm_head's weight-gradient sum in
-    float32, and one chunk's weight gradient (two while the next chunk's is computed): as measured by
-    benchmarks/memory.py."""
+    float32 and one chunk's weight gradient: as measured by benchmarks/memory.py."""
     low = e if e != 4 else 0  # a bf16 model's logits before the float32 upcast
     if not chunked:
         return max(12 * local * m.vocab, (4 + low) * local * m.vocab + lm_head_grad)
     tokens = min(local, max(64, LOSS_CHUNK_BYTES // (4 * m.vocab)))
     running_sum = 4 * m.vocab * m.hidden if lm_head_grad else 0
-    return (4 + low) * tokens * m.vocab + running_sum + (1 if tokens == local else 2) * lm_head_grad
+    return (4 + low) * tokens * m.vocab + running_sum + lm_head_grad
 
 
 def estimate_memory(
