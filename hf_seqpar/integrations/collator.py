@@ -75,6 +75,7 @@ class UnshardedRows:
     left_pad: torch.Tensor  # [B] leading pad tokens of each row, rolled to the right by the collator
     labels: torch.Tensor | None  # [B, S] the base batch's own labels (None: it had none)
     attention_mask_sum: int | None  # real tokens by the base batch's attention_mask (None: it had none)
+    input_ids: torch.Tensor | None = None  # [B, S] the base batch's own input_ids (padding ids included)
 
     def arrange(self, x: torch.Tensor, fill) -> torch.Tensor:
         """[B, S, ...] in the base batch's order -> [B, S_pad, ...] in the collator's order (before sharding)."""
@@ -161,7 +162,7 @@ class SequenceShardingCollator:
             k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == (b, s)
         ]
         idx = torch.arange(s).expand(b, s)
-        base_labels = batch.get("labels")
+        base_labels, base_input_ids = batch.get("labels"), input_ids
 
         pad = torch.zeros(b, s, dtype=torch.bool)
         lead, mask_sum = torch.zeros(b, dtype=torch.long), None
@@ -237,5 +238,5 @@ class SequenceShardingCollator:
         batch["seqpar_cu_seqlens"] = DocumentOffsets.from_padded(cu_seqlens)  # stays on the host: no sync to read it
         batch["seqpar_real_tokens"] = layout.shard(~pad, placement, self.groups.sp_rank, dim=1)  # MoE router stats
         if self.keep_unsharded:
-            batch[UNSHARDED_KEY] = UnshardedRows(s, s_pad, lead, base_labels, mask_sum)
+            batch[UNSHARDED_KEY] = UnshardedRows(s, s_pad, lead, base_labels, mask_sum, base_input_ids)
         return batch

@@ -207,7 +207,8 @@ def exact_prediction_step(trainer, state: EvalState):
         main_input = getattr(trainer.model, "main_input_name", "input_ids")
         if "inputs" in trainer.args.include_for_metrics and not prediction_loss_only and main_input in sharded:
             # eval_loop reads the model inputs for metrics from its own batch dict, after this step
-            inputs[main_input] = whole_rows(sharded[main_input], rows, state)
+            base = rows.input_ids if main_input == "input_ids" else None  # the padding ids the collator replaced
+            inputs[main_input] = base if base is not None else whole_rows(sharded[main_input], rows, state)
         if prediction_loss_only or logits is None:
             return loss, None if prediction_loss_only else logits, None if prediction_loss_only else labels
         if state.preprocess is not None:
