@@ -219,7 +219,8 @@ def estimate_memory(
     attention = _attention_buffer_bytes(m, mode, gpus, ulysses, local // batch, e) * batch
     lm_head_grad = 0 if lora else m.vocab * m.hidden * grad_bytes
     loss = {c: _loss_bytes(m, local, c, e, lm_head_grad) for c in (False, True)}
-    step = {c: max(stored + loss[c], stored + working + attention, gradients) for c in (False, True)}
+    # lm_head's weight gradient exists from the loss backward on, through every layer's recompute
+    step = {c: max(stored + loss[c], stored + working + attention + lm_head_grad, gradients) for c in (False, True)}
     return {
         "weights": weights,
         "gradients": gradients,
