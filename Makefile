@@ -19,7 +19,9 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=10
 
+# A long-context LoRA fine-tune with SP=2 on 2 CPU processes (see hf_seqpar/demo/__main__.py); output in demo_output/.
 demo: $(STAMP)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"  # the demo's PNG
 	$(PY) -m hf_seqpar.demo
 
 bench: $(STAMP)

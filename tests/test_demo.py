@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 RTOL = 1e-4  # float32 sums of shard partials in another order than the plain run (observed: ~1e-7)
+# ... compounded over 100+ optimizer steps: each step starts from weights that differ by the last steps' rounding and
+# training amplifies it (observed 2.5e-3 after 120 steps)
+DRIFT_RTOL = 2e-2
 FINAL_LINE = re.compile(r"accuracy before (\d+\.\d)%, after (\d+\.\d)%")
 
 
@@ -38,15 +41,24 @@ def _curve(log_file: Path) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in json.loads(log_file.read_text()) if "loss" in r}
 
 
+def _worst(sp: dict, plain: dict, steps) -> float:
+    return max(abs(s - p) / abs(p) for step in steps for s, p in zip(sp[step], plain[step], strict=True))
+
+
 def _check_run(stdout: str, out: Path, steps: int, long_length: int, batch: int) -> None:
     sp, plain = _curve(out / "sp" / "log.json"), _curve(out / "plain" / "log.json")
     assert sorted(sp) == sorted(plain) == list(range(1, steps + 1))
-    worst = max(abs(s - p) / abs(p) for step in plain for s, p in zip(sp[step], plain[step], strict=True))
-    assert worst < RTOL
+    early, worst = _worst(sp, plain, range(1, min(steps, 10) + 1)), _worst(sp, plain, plain)
+    assert early < RTOL
+    assert worst < DRIFT_RTOL
     printed = re.search(
-        rf"worst relative difference SP vs plain over {steps} steps \(loss and grad_norm\): (\S+)", stdout
+        rf"worst relative difference SP vs plain \(loss and grad_norm\): (\S+) over the first {min(steps, 10)} "
+        rf"steps, (\S+) over all {steps} ",
+        stdout,
     )
-    assert printed and float(printed.group(1)) == pytest.approx(worst, rel=0.06, abs=1e-12)  # printed with 2 digits
+    assert printed  # and it prints what the logs hold (with 2 digits)
+    assert float(printed.group(1)) == pytest.approx(early, rel=0.06, abs=1e-12)
+    assert float(printed.group(2)) == pytest.approx(worst, rel=0.06, abs=1e-12)
     assert "hf_seqpar: world 2 = DP 1 x SP 2 (ulysses 1 x ring 2), mode ring" in stdout  # it did run under SP
     half = long_length // 2
     assert (
@@ -58,11 +70,11 @@ def _check_run(stdout: str, out: Path, steps: int, long_length: int, batch: int)
     assert all(m["peak_mib"] >= m["start_mib"] > 0 for m in memory.values())
     assert (out / "sp" / "adapter_model.safetensors").exists()
     saved = json.loads((out / "sp" / "config.json").read_text())  # the base config the adapter was trained with
-    assert saved["rope_parameters"]["rope_theta"] == 1e6
+    assert saved["rope_parameters"]["rope_type"] == "yarn"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert "plot: skipped, matplotlib is not installed" in stdout
+        assert "plot: skipped, matplotlib is not installed:" in stdout
     else:
         assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert FINAL_LINE.fullmatch(stdout.strip().splitlines()[-1])

@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--rope_theta", type=float, help="a new RoPE base for the longer context (context extension)")
+    parser.add_argument("--yarn_factor", type=float, help="extend the context this many times with YaRN rope scaling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log_file")
     parser.add_argument("--memory_dir")
@@ -87,8 +87,14 @@ def main():
     set_seed(cli.seed)  # before LoRA draws its initial weights: every run and every process starts from the same ones
     tokenizer = AutoTokenizer.from_pretrained(cli.model_dir)
     config = AutoConfig.from_pretrained(cli.model_dir)
-    if cli.rope_theta:  # "adjusted base frequency": slower rotations keep far-apart positions distinguishable
-        config.rope_parameters = {**config.rope_parameters, "rope_theta": cli.rope_theta}
+    if cli.yarn_factor:  # positions stretched by the factor, high frequencies kept, attention sharpened (YaRN)
+        config.rope_parameters = {
+            "rope_type": "yarn",
+            "rope_theta": config.rope_parameters["rope_theta"],
+            "factor": cli.yarn_factor,
+            "original_max_position_embeddings": config.max_position_embeddings,
+        }
+        config.max_position_embeddings = int(cli.yarn_factor * config.max_position_embeddings)
     model = AutoModelForCausalLM.from_pretrained(cli.model_dir, config=config, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # lora_dropout=0: dropout draws other masks on each process, so the runs could not be compared number by number
@@ -100,7 +106,7 @@ def main():
         max_steps=cli.max_steps,
         per_device_train_batch_size=cli.batch_size,
         learning_rate=cli.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
+        lr_scheduler_type="cosine",
         warmup_steps=min(10, cli.max_steps // 10),
         weight_decay=0.0,
         max_grad_norm=1.0,
@@ -126,7 +132,7 @@ def main():
     trainer.train()
     trainer.save_model(cli.output_dir)  # the adapter (PEFT saves only its own weights)
     if trainer.is_world_process_zero():
-        config.save_pretrained(cli.output_dir)  # the base model's config as trained (its new rope_theta)
+        config.save_pretrained(cli.output_dir)  # the base model's config as trained (its rope scaling)
     if cli.log_file and trainer.is_world_process_zero():
         with open(cli.log_file, "w") as f:
             json.dump(trainer.state.log_history, f)

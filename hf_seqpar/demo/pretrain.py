@@ -4,7 +4,6 @@ them, which is what the long-context LoRA fine-tune of stage 2 has to fix."""
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -29,12 +28,6 @@ def pretrain(
     """Train in place on rows of random lengths in `lengths` (inclusive); returns the loss of every step."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    # linear warmup, then cosine decay to a tenth: the last steps settle the lookup instead of jittering around it
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / steps))),
-    )
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(1, steps + 1):
@@ -44,7 +37,6 @@ def pretrain(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % report_every == 0 or step == steps:

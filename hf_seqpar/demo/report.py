@@ -15,21 +15,23 @@ def loss_curve(log_file: Path) -> dict[int, dict]:
     return {row["step"]: {k: row[k] for k in ("loss", "grad_norm")} for row in rows if "loss" in row}
 
 
-def worst_relative_difference(sp: dict[int, dict], plain: dict[int, dict]) -> tuple[float, int, str]:
-    """max |sp - plain| / |plain| over every step's loss and grad_norm, and where it is."""
+def worst_relative_difference(sp: dict[int, dict], plain: dict[int, dict], first: int | None = None):
+    """(max |sp - plain| / |plain| over the loss and grad_norm of the first `first` steps (all: None), step, key)."""
     if sorted(sp) != sorted(plain):
         raise ValueError(f"hf_seqpar: the runs logged different steps: SP {sorted(sp)} vs plain {sorted(plain)}")
     worst = (0.0, 0, "loss")
-    for step in plain:
+    for step in sorted(plain)[:first]:
         for key in ("loss", "grad_norm"):
             diff = abs(sp[step][key] - plain[step][key]) / max(abs(plain[step][key]), 1e-12)
             worst = max(worst, (diff, step, key))
     return worst
 
 
-def loss_table(sp: dict[int, dict], plain: dict[int, dict], rows: int = 12) -> str:
+def loss_table(sp: dict[int, dict], plain: dict[int, dict], rows: int = 10) -> str:
+    """The first step, then every 1, 2, 5, 10, 20, 50, ... steps: about `rows` rows, the last step included."""
     steps = sorted(plain)
-    shown = sorted({steps[round(i * (len(steps) - 1) / max(1, rows - 1))] for i in range(min(rows, len(steps)))})
+    stride = next(k * 10**e for e in range(9) for k in (1, 2, 5) if k * 10**e * rows >= len(steps))
+    shown = sorted({steps[0], steps[-1], *(s for s in steps if s % stride == 0)})
     lines = ["   step   plain loss   SP=2 loss   rel. diff   plain grad_norm   SP=2 grad_norm"]
     for step in shown:
         p, s = plain[step], sp[step]
@@ -83,6 +85,8 @@ def plot(path: Path, sp: dict, plain: dict, memory_plain: list[dict], memory_sp:
     growth = [r["peak_mib"] - r["start_mib"] for r in records]
     bars.bar(names, start, color="0.8", label="resident at start")
     bars.bar(names, growth, bottom=start, color="tab:red", label="growth during training (peak)")
+    for x, (base, extra) in enumerate(zip(start, growth, strict=True)):
+        bars.text(x, base + extra, f"+{extra:.0f} MiB", ha="center", va="bottom")
     bars.set(ylabel="MiB", title="peak memory per rank")
     bars.legend(loc="lower right")
     figure.suptitle(title)
