@@ -162,6 +162,7 @@ def test_trainer_script_ring_matches_plain_run(ring_trainer_run, plain_trainer_l
     assert "tokens per rank" in startup[0]
 
 
+@pytest.mark.slow  # Ulysses stays in make test through the TRL --packing launch and the pool parity tests
 def test_trainer_script_ulysses_matches_plain_run(assets, plain_trainer_log):
     out = assets.root / "sp_ulysses_trainer"
     cmd = train_cmd(assets, out, "--log_file", out / "log.json")
