@@ -87,7 +87,7 @@ def plot(path: Path, sp: dict, plain: dict, memory_plain: list[dict], memory_sp:
     bars.bar(names, growth, bottom=start, color="tab:red", label="growth during training (peak)")
     for x, (base, extra) in enumerate(zip(start, growth, strict=True)):
         bars.text(x, base + extra, f"+{extra:.0f} MiB", ha="center", va="bottom")
-    bars.set(ylabel="MiB", title="peak memory per rank")
+    bars.set(ylabel="MiB", title="peak memory per rank", ylim=(0, 1.12 * max(r["peak_mib"] for r in records)))
     bars.legend(loc="lower right")
     figure.suptitle(title)
     figure.tight_layout()
