@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hf_seqpar
-from hf_seqpar.kernels import DocumentOffsets, MaskSpec, attend_bwd, attend_fwd, plan_cache_info
+from hf_seqpar.kernels import DocumentOffsets, MaskSpec, attend_bwd, attend_fwd, plan_cache_info, standin, varlen_impl
 from hf_seqpar.kernels.plan import varlen_plan
 from hf_seqpar.layout import Placement
 
@@ -56,8 +56,8 @@ def one_thread():
 
 
 def test_varlen_plan_matches_math_float64(one_thread):
-    # The reference varlen kernel follows FA2's rules (bottom-right windows, its reading of wide windows), so a plan
-    # that is exact here is exact on flash-attn / torch's FA2. float64: agreement to rounding (measured ~1e-15).
+    # The CUDA stand-in follows FA2's rules (bottom-right windows, its reading of wide and one-sided windows), so a
+    # plan that is exact here is exact on flash-attn / torch's FA2. float64: agreement to rounding (measured ~1e-15).
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for q_segs, k_segs, spec, batch in _hop_cases():
@@ -68,12 +68,15 @@ def test_varlen_plan_matches_math_float64(one_thread):
         dout = torch.randn(batch, lq, 4, 8, generator=gen, dtype=torch.float64)
         kw = {"scale": 0.3, "softcap": 2.0 if spec.window else None}
         ref_out, ref_lse = attend_fwd(q, k, v, q_segs, k_segs, spec, backend="math", **kw)
-        out, lse = attend_fwd(q, k, v, q_segs, k_segs, spec, backend="reference_varlen", **kw)
+        with standin.cuda_standin(flash_attn=True, float64=True):
+            assert varlen_impl("flash_attn", q, v, kw["softcap"]) == "flash_attn"
+            out, lse = attend_fwd(q, k, v, q_segs, k_segs, spec, backend="flash_attn", **kw)
         torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
         ref_lse_final = torch.where(torch.isneginf(ref_lse), 0.0, ref_lse)  # as a ring would pass the final lse
         ref = attend_bwd(dout, q, k, v, ref_out, ref_lse_final, q_segs, k_segs, spec, backend="math", **kw)
-        got = attend_bwd(dout, q, k, v, ref_out, ref_lse_final, q_segs, k_segs, spec, backend="reference_varlen", **kw)
+        with standin.cuda_standin(flash_attn=True, float64=True):
+            got = attend_bwd(dout, q, k, v, ref_out, ref_lse_final, q_segs, k_segs, spec, backend="flash_attn", **kw)
         for a, b in zip(got, ref, strict=True):
             worst = max(worst, (a - b).abs().max().item())
     assert worst < 1e-12

@@ -6,6 +6,7 @@ variable-length flash calls on CUDA, one fused or math call per tile elsewhere; 
 dtype.
 """
 
+from . import standin
 from .blocks import attend_bwd, attend_fwd, resolve_backend, varlen_impl
 from .mask import BlockKind, DocumentOffsets, MaskSpec, docs_from_cu_seqlens
 from .merge import acc_dtype, add_sinks, merge_into, sink_grad
@@ -24,5 +25,6 @@ __all__ = [
     "plan_cache_info",
     "resolve_backend",
     "sink_grad",
+    "standin",
     "varlen_impl",
 ]

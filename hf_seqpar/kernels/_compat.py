@@ -1,7 +1,9 @@
-"""The only place that knows kernel version differences: flash-attn's private varlen entry points (their signatures
-have drifted between releases) and torch's vendored FA2 varlen ops (aten._flash_attention_forward / _backward).
+"""The one shim every private kernel op goes through: flash-attn's private varlen entry points (their signatures
+have drifted between releases), torch's vendored FA2 varlen ops (aten._flash_attention_forward / _backward) and the
+SDPA ops that return logsumexp (`aten_op`). Under the CPU stand-in (standin.py) the CUDA ones resolve to it, and
+`on_cuda` sends CPU tensors down the CUDA dispatch.
 
-Both compute one varlen call on [total, heads, dim] tensors with cu_seqlens offsets, GQA native (K/V are not
+The varlen ops compute one call on [total, heads, dim] tensors with cu_seqlens offsets, GQA native (K/V are not
 expanded), and a backward that takes the caller's FINAL out and lse, which a ring needs (kernels.md §0).
 """
 
@@ -13,15 +15,44 @@ from functools import cache
 
 import torch
 
+from . import standin
+
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_OPS = (  # the private CUDA ops the kernels call; each has a stand-in of the same name
+    "_flash_attention_forward",
+    "_flash_attention_backward",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_efficient_attention_backward",
+)
+
+
+def on_cuda(t: torch.Tensor) -> bool:
+    """Whether `t` takes the CUDA dispatch: a CUDA tensor, or any tensor under the CPU stand-in."""
+    return t.is_cuda or standin.active()
+
+
+def aten_op(name: str):
+    """A private aten op by name; a CUDA one resolves to its stand-in under the CPU stand-in."""
+    if name in CUDA_OPS and standin.active():
+        return getattr(standin, name)
+    return getattr(torch.ops.aten, name)
+
+
+def varlen_dtypes() -> tuple[torch.dtype, ...]:
+    """fp16 / bf16; the stand-in's exactness mode adds float64."""
+    return VARLEN_DTYPES + ((torch.float64,) if standin.float64_varlen() else ())
 
 
 def flash_attn_available() -> bool:
+    if standin.active():
+        return standin.flash_attn_installed()
     return importlib.util.find_spec("flash_attn") is not None
 
 
 def aten_varlen_available() -> bool:
-    return hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(torch.ops.aten, "_flash_attention_backward")
+    return standin.active() or all(hasattr(torch.ops.aten, op) for op in CUDA_OPS[:2])
 
 
 def varlen_head_dims_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -30,8 +61,14 @@ def varlen_head_dims_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
     return v.shape[-1] == d and d % 8 == 0 and d <= 256
 
 
-@cache
 def _flash_api():
+    if standin.active():
+        return (standin.flash_attn_varlen_forward, standin.flash_attn_varlen_backward, *standin.FLASH_ATTN_PARAMS)
+    return _installed_flash_api()
+
+
+@cache
+def _installed_flash_api():
     from flash_attn import flash_attn_interface as fai
 
     fwd, bwd = fai._flash_attn_varlen_forward, fai._flash_attn_varlen_backward
@@ -86,7 +123,7 @@ def flash_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, 
 
 def aten_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal, left, right):
     """torch's vendored FA2 varlen forward (CUDA; no softcap) -> (out, lse [H, total_q], +inf on empty rows)."""
-    outputs = torch.ops.aten._flash_attention_forward(
+    outputs = aten_op("_flash_attention_forward")(
         q,
         k,
         v,
@@ -106,7 +143,7 @@ def aten_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal, lef
 
 def aten_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale, causal, left, right):
     unused = torch.empty(0, device=q.device)  # RNG state: only read with dropout
-    return torch.ops.aten._flash_attention_backward(
+    return aten_op("_flash_attention_backward")(
         dout,
         q,
         k,

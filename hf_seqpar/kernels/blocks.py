@@ -17,13 +17,13 @@ from .mask import BlockKind, MaskSpec
 from .merge import acc_dtype, merge_into
 from .plan import block_plan, varlen_plan
 
-BACKENDS = ("torch", "flash_attn", "math", "reference_varlen")  # the last two: exactness references, not for users
+BACKENDS = ("torch", "flash_attn", "math")  # math: the exactness reference (any dtype), not for users
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """'auto' -> flash_attn when installed and the inputs suit it, else torch."""
     if backend == "auto":
-        suits = q.is_cuda and q.dtype in _compat.VARLEN_DTYPES and _compat.flash_attn_available()
+        suits = _compat.on_cuda(q) and q.dtype in _compat.varlen_dtypes() and _compat.flash_attn_available()
         return "flash_attn" if suits else "torch"
     if backend == "flash_attn" and not _compat.flash_attn_available():
         raise ValueError(
@@ -36,9 +36,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 def varlen_impl(backend: str, q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
     """Which varlen kernel serves this call, or None for the per-tile path."""
-    if backend == "reference_varlen":
-        return "reference"
-    if not (q.is_cuda and q.dtype in _compat.VARLEN_DTYPES and _compat.varlen_head_dims_ok(q, v)):
+    if not (_compat.on_cuda(q) and q.dtype in _compat.varlen_dtypes() and _compat.varlen_head_dims_ok(q, v)):
         return None
     if backend == "flash_attn":
         return "flash_attn" if softcap is None or _compat.flash_softcap_supported() else None

@@ -238,13 +238,18 @@ def _round(pairs: list[Pair]) -> VarlenRound:
         cu_q.append(cu_q[-1] + nq)
         cu_k.append(cu_k[-1] + nk)
     # max_q >= 2: FA2 reinterprets a call whose longest query sequence is 1 (decoding), which the filler breaks
+    max_q, max_k = max(2, max(nq for nq, _ in lengths)), max(1, max(nk for _, nk in lengths))
+    if pairs[0].left >= 0 and pairs[0].right == -1:
+        # FA2 turns the open right side of a left-bounded window into max_seqlen_k, measured from each sequence's
+        # bottom-right corner: it reaches every key only if max_seqlen_k >= nq - 1. The bound only sizes the grid.
+        max_k = max(max_k, max_q)
     return VarlenRound(
         q_range=(q0, q_pos),
         k_range=(k0, k_pos),
         cu_q=tuple(cu_q),
         cu_k=tuple(cu_k),
-        max_q=max(2, max(nq for nq, _ in lengths)),
-        max_k=max(1, max(nk for _, nk in lengths)),
+        max_q=max_q,
+        max_k=max_k,
         left=pairs[0].left,
         right=pairs[0].right,
         pairs=tuple(pairs),

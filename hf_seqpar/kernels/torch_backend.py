@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._compat import aten_op, on_cuda
 from .mask import BlockKind
 from .merge import acc_dtype
 
@@ -74,7 +75,7 @@ def fused_supported(q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> 
     """The SDPA kernels have no softcap; on CUDA they do not take float64; on CPU q, k and v share a head dim."""
     if softcap is not None:
         return False
-    if q.device.type == "cpu":
+    if not on_cuda(q):
         return v.shape[-1] == q.shape[-1]
     return q.dtype != torch.float64
 
@@ -87,7 +88,7 @@ def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask [rows, 1, Lq, Lk]. On CUDA the memory-efficient kernel wants the key stride aligned to 16
     elements, so the storage is padded and a view returned (as torch's own SDPA does)."""
     rows, lq, lk = mask.shape
-    padded = lk if mask.device.type == "cpu" else -(-lk // 16) * 16
+    padded = -(-lk // 16) * 16 if on_cuda(mask) else lk
     bias = torch.full((rows, 1, lq, padded), float("-inf"), dtype=dtype, device=mask.device)
     bias[..., :lk].masked_fill_(mask[:, None], 0.0)
     return bias[..., :lk]
@@ -105,19 +106,19 @@ def _fold_kv(dx: torch.Tensor, num_kv: int) -> torch.Tensor:
 
 def fused_fwd(q, k, v, kind, mask, scale):
     causal = kind is BlockKind.CAUSAL
-    if q.device.type == "cpu":
+    if not on_cuda(q):
         fmask = None if mask is None else _float_mask(mask, q.dtype)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out, lse = aten_op("_scaled_dot_product_flash_attention_for_cpu")(
             _bhld(q), _bhld(k), _bhld(v), 0.0, causal, attn_mask=fmask, scale=scale
         )
     else:
         h = q.shape[2]
         qh, kh, vh = _bhld(q), _bhld(_expand_kv(k, h)), _bhld(_expand_kv(v, h))
         if mask is None and q.dtype in _CUDA_FLASH_DTYPES:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, scale=scale)[:2]
+            out, lse = aten_op("_scaled_dot_product_flash_attention")(qh, kh, vh, 0.0, causal, scale=scale)[:2]
         else:
             bias = None if mask is None else _float_mask(mask, q.dtype).expand(q.shape[0], h, -1, -1)
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            out, lse = aten_op("_scaled_dot_product_efficient_attention")(
                 qh, kh, vh, bias, True, 0.0, causal, scale=scale
             )[:2]
             lse = lse[..., : q.shape[1]]  # some versions pad lse to a multiple of 32
@@ -127,37 +128,63 @@ def fused_fwd(q, k, v, kind, mask, scale):
     return _bhld(out), lse
 
 
+def _aligned_lse(lse: torch.Tensor) -> torch.Tensor:
+    """[B, H, L] float32 laid out as the efficient forward returns it, rows padded to a multiple of 32: its backward
+    checks that lse's batch and head strides are multiples of 8, and a tile's slice has any length."""
+    b, h, length = lse.shape
+    padded = -(-length // 32) * 32
+    if padded == length:
+        return lse.contiguous()
+    buffer = torch.empty(b, h, padded, dtype=lse.dtype, device=lse.device)
+    buffer[..., :length] = lse
+    return buffer[..., :length]
+
+
 def fused_bwd(dout, q, k, v, out, lse, kind, mask, scale):
     causal = kind is BlockKind.CAUSAL
     dt = q.dtype
     dout, out = dout.to(dt), out.to(dt)
-    if q.device.type == "cpu":
+    if not on_cuda(q):
         fmask = None if mask is None else _float_mask(mask, dt)
         lse_in = _safe(lse).to(torch.float64 if dt == torch.float64 else torch.float32)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dq, dk, dv = aten_op("_scaled_dot_product_flash_attention_for_cpu_backward")(
             _bhld(dout), _bhld(q), _bhld(k), _bhld(v), _bhld(out), lse_in, 0.0, causal, attn_mask=fmask, scale=scale
         )
         return _bhld(dq), _bhld(dk), _bhld(dv)
     h, hkv = q.shape[2], k.shape[2]
     qh, kh, vh = _bhld(q), _bhld(_expand_kv(k, h)), _bhld(_expand_kv(v, h))
-    lse_in = _safe(lse).float().contiguous()
+    lse_in = _safe(lse).float()
     if mask is None and dt in _CUDA_FLASH_DTYPES:
         lq, lk = q.shape[1], k.shape[1]
         empty = torch.empty(0, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            _bhld(dout), qh, kh, vh, _bhld(out), lse_in, empty, empty, lq, lk, 0.0, causal, empty, empty, scale=scale
+        dq, dk, dv = aten_op("_scaled_dot_product_flash_attention_backward")(
+            _bhld(dout),
+            qh,
+            kh,
+            vh,
+            _bhld(out),
+            lse_in.contiguous(),
+            empty,
+            empty,
+            lq,
+            lk,
+            0.0,
+            causal,
+            empty,
+            empty,
+            scale=scale,
         )
     else:
         bias = None if mask is None else _float_mask(mask, dt).expand(q.shape[0], h, -1, -1)
         empty = torch.empty(0, device=q.device, dtype=torch.int64)
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dq, dk, dv, _ = aten_op("_scaled_dot_product_efficient_attention_backward")(
             _bhld(dout),
             qh,
             kh,
             vh,
             bias,
             _bhld(out),
-            lse_in,
+            _aligned_lse(lse_in),
             empty,
             empty,
             0.0,
