@@ -216,6 +216,28 @@ OVERRIDES: dict[str, dict] = {
         "indexer_budget": 8,
         "indexer_compress_ratio": 2,
     },
+    # looped depth: one input, one recurrent (run twice), one output layer; to_dict() doubles the counts it shrinks
+    "dory": {
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "n_input_layers": 1,
+        "n_recurrent_layers": 1,
+        "n_output_layers": 1,
+    },
+    # an indexer layer, then a re-indexer reading its K/V; a sliding layer; budgets small enough to select
+    "kolibri1_1": {
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
+        "index_layers": [1],
+        "kv_source_layers": [0, 1, 1],
+        "mlp_only_layers": [0],
+        "index_num_heads": 2,
+        "index_topk": 4,
+        "index_pool_size": 8,
+        "index_compression": 2,
+        "index_num_local_tokens": 2,
+        "index_num_sink_tokens": 1,
+    },
 }
 OVERRIDES["qwen4_exp"] = {"text_config": OVERRIDES["qwen4_exp_text"]}
 
