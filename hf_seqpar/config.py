@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 MODES = ("ring", "ulysses", "usp", "allgather", "auto")
 LAYOUTS = ("zigzag", "contiguous", "auto")
-BACKENDS = ("auto", "torch", "flash_attn")
+# The local attention kernels (SeqParConfig.backend) -> the module of hf_seqpar/kernels/ implementing each. A new
+# backend is one module there plus one row here; "auto" picks per mask, dtype and device (kernels/auto_table.py).
+KERNEL_BACKENDS = {"torch": "torch_backend", "flash_attn": "flash_backend", "cudnn": "cudnn_backend"}
+BACKENDS = ("auto", *KERNEL_BACKENDS)
 
 _ENV_PREFIX = "HF_SEQPAR_"
 _INT_FIELDS = ("sp_size", "ulysses_size", "ring_size")
@@ -32,7 +35,9 @@ class SeqParConfig:
         default="auto",
         metadata={"help": "Token placement: zigzag | contiguous | auto (zigzag when a ring or all-gather is used)."},
     )
-    backend: str = field(default="auto", metadata={"help": "Local attention kernel: auto | torch | flash_attn."})
+    backend: str = field(
+        default="auto", metadata={"help": "Local attention kernel: " + " | ".join(BACKENDS) + " (auto: fastest exact)."}
+    )
     chunked_loss: bool = field(
         default=False,
         metadata={

@@ -25,6 +25,8 @@ DISPATCH = {  # name -> (backend, dtype, the varlen kernel the dispatch must pic
     "aten-fp16": ("torch", torch.float16, "aten", False),
     "tiles-fp32": ("torch", torch.float32, None, False),
     "flash_attn-bf16": ("flash_attn", torch.bfloat16, "flash_attn", True),
+    "cudnn-bf16": ("cudnn", torch.bfloat16, None, False),  # unmasked tiles by cuDNN, masked ones by torch
+    "cudnn-fp16": ("cudnn", torch.float16, None, False),
 }
 HOPS = hops(SEQ)
 
@@ -120,17 +122,47 @@ def test_plans_stay_inside_fa2_rules():
                         assert rnd.right >= 0 or right >= longest - 1, (world, r, s, rnd)
 
 
+def test_auto_picks_per_mask_dtype_and_device(monkeypatch):
+    # the auto table: cuDNN for dense half-precision masks, FA2 varlen for documents and windows, torch for fp32
+    from hf_seqpar.kernels import registry
+
+    q = torch.randn(1, 64, 4, 16)
+    with standin.cuda_standin(flash_attn=True):
+        assert registry.pick("auto", q.bfloat16(), specs(SEQ)["causal"]) == "cudnn"
+        assert registry.pick("auto", q.bfloat16(), specs(SEQ)["packed"]) == "flash_attn"
+        assert registry.pick("auto", q.bfloat16(), specs(SEQ)["window"]) == "flash_attn"
+        assert registry.pick("auto", q, specs(SEQ)["causal"]) == "torch"
+    with standin.cuda_standin(cudnn=False):
+        assert registry.pick("auto", q.bfloat16(), specs(SEQ)["causal"]) == "torch"
+    assert registry.pick("auto", q.bfloat16(), specs(SEQ)["causal"]) == "torch"  # CPU
+    with pytest.raises(ValueError, match="backend='cudnn' needs"):
+        resolve_backend("cudnn", q)
+    # the cuDNN ops really serve the dense hops
+    calls = []
+    real = standin._scaled_dot_product_cudnn_attention
+    monkeypatch.setattr(
+        standin, "_scaled_dot_product_cudnn_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    with standin.cuda_standin():
+        q_segs, k_segs = HOPS["after"]
+        attend_fwd(q.bfloat16(), q.bfloat16(), q.bfloat16(), q_segs[:1], q_segs[:1], specs(SEQ)["causal"], scale=0.25,
+                   softcap=None, backend="auto")  # fmt: skip
+    assert calls
+
+
 MODES = [("ring", 1), ("allgather", 1), ("ulysses", None), ("usp", 2)]
 
 
+@pytest.mark.parametrize("mask", ["issue", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("mode,ulysses", MODES)
-def test_simulated_ranks_match_float64(one_thread, mode, ulysses, world, dtype):
-    # The issue's own reproduction (bf16, documents + window), scaled down; at P=2 usp is plain Ulysses.
+def test_simulated_ranks_match_float64(one_thread, mode, ulysses, world, dtype, mask):
+    # The issue's own reproduction (documents + window, FA2 varlen in bf16), scaled down; and a dense causal row
+    # (cuDNN tiles in bf16, picked by 'auto'). At P=2 usp is plain Ulysses.
     seq, heads, kv_heads, dim = 512, 8, 2, 16
     ulysses = world if ulysses is None else min(ulysses, world)
-    spec = issue_spec(seq)
+    spec = issue_spec(seq) if mask == "issue" else specs(seq)["causal"]
     q, k, v, dout = (t.double() for t in inputs(1, seq, seq, heads, kv_heads, dim, "cpu"))
     ref = simulate(
         q, k, v, mode="ring", world=1, args=AttnArgs(spec=spec, scale=0.25, softcap=None, backend="math"), dout=dout,

@@ -21,6 +21,8 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_OPS = (  # the private CUDA ops the kernels call; each has a stand-in of the same name
     "_flash_attention_forward",
     "_flash_attention_backward",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_cudnn_attention_backward",
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_flash_attention_backward",
     "_scaled_dot_product_efficient_attention",
@@ -43,6 +45,23 @@ def aten_op(name: str):
 def varlen_dtypes() -> tuple[torch.dtype, ...]:
     """fp16 / bf16; the stand-in's exactness mode adds float64."""
     return VARLEN_DTYPES + ((torch.float64,) if standin.float64_varlen() else ())
+
+
+def varlen_inputs_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """What every FA2 varlen kernel takes: CUDA, fp16 / bf16, one head dim (multiple of 8, at most 256)."""
+    return on_cuda(q) and q.dtype in varlen_dtypes() and varlen_head_dims_ok(q, v)
+
+
+def cudnn_available() -> bool:
+    """torch's cuDNN SDPA ops on an Ampere-or-newer GPU (the stand-in plays one)."""
+    if standin.active():
+        return standin.cudnn_installed()
+    return (
+        hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+        and torch.cuda.is_available()
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability() >= (8, 0)
+    )
 
 
 def flash_attn_available() -> bool:

@@ -1,9 +1,10 @@
 """Attention of query runs against key runs, following a host-side plan built once per (runs, mask, batch).
 
-Two ways through, picked per call from the backend and the inputs:
-- varlen (CUDA, fp16/bf16; or the float64 reference): a few variable-length flash calls per call whatever the
-  number of packed documents, windows and softcap native (flash-attn), GQA without expanding K/V;
-- blocks (CPU, float32 on CUDA, the exact math path): one fused or math kernel call per tile of `block_plan`.
+Two ways through, picked per call by the backend (registry.py; 'auto' from the mask, dtype and device):
+- varlen (CUDA, fp16/bf16): a few variable-length flash calls per call whatever the number of packed documents,
+  windows and softcap native (flash-attn), GQA without expanding K/V;
+- tiles (CPU, float32 on CUDA, cuDNN, the exact math path): one kernel call per tile of `block_plan`, the kernel
+  chosen per tile by the backend (cuDNN takes unmasked tiles, torch's fused kernels the rest, math what they cannot).
 Results are merged in the accumulation dtype, into the caller's accumulators when it passes them (`into`), so a
 ring merges each hop once.
 """
@@ -12,37 +13,22 @@ from __future__ import annotations
 
 import torch
 
-from . import _compat, torch_backend, varlen
+from . import registry, varlen
 from .mask import BlockKind, MaskSpec
 from .merge import acc_dtype, merge_into
 from .plan import block_plan, varlen_plan
 
-BACKENDS = ("torch", "flash_attn", "math")  # math: the exactness reference (any dtype), not for users
+
+def resolve_backend(backend: str, q: torch.Tensor | None = None) -> str:
+    """Check a backend name (and that this machine has it); 'auto' stays 'auto' and is resolved per call from the
+    mask, dtype and device (registry.pick)."""
+    return registry.check(backend)
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """'auto' -> flash_attn when installed and the inputs suit it, else torch."""
-    if backend == "auto":
-        suits = _compat.on_cuda(q) and q.dtype in _compat.varlen_dtypes() and _compat.flash_attn_available()
-        return "flash_attn" if suits else "torch"
-    if backend == "flash_attn" and not _compat.flash_attn_available():
-        raise ValueError(
-            "hf_seqpar: backend='flash_attn' needs the flash-attn package (pip install 'hf_seqpar[flash]')"
-        )
-    if backend not in BACKENDS:
-        raise ValueError(f"hf_seqpar: backend={backend!r} is not one of {('auto',) + BACKENDS}")
-    return backend
-
-
-def varlen_impl(backend: str, q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
+def varlen_impl(backend: str, q: torch.Tensor, v: torch.Tensor, softcap: float | None, spec: MaskSpec | None = None):
     """Which varlen kernel serves this call, or None for the per-tile path."""
-    if not (_compat.on_cuda(q) and q.dtype in _compat.varlen_dtypes() and _compat.varlen_head_dims_ok(q, v)):
-        return None
-    if backend == "flash_attn":
-        return "flash_attn" if softcap is None or _compat.flash_softcap_supported() else None
-    if backend == "torch" and softcap is None and _compat.aten_varlen_available():
-        return "aten"
-    return None
+    name = registry.pick(backend, q, spec if spec is not None else MaskSpec())
+    return registry.module(name).varlen_impl(q, v, softcap)
 
 
 def _row_pieces(start: int, stop: int, length: int):
@@ -84,21 +70,18 @@ def attend_fwd(
     accumulation dtype. Rows that see no key get (0, -inf). With `into=(out, lse)` the result is merged into those
     accumulators (in place) and they are returned."""
     out, lse = into if into is not None else (None, None)
-    impl = varlen_impl(backend, q, v, softcap)
+    chosen = registry.module(registry.pick(backend, q, spec))
+    impl = chosen.varlen_impl(q, v, softcap)
     if impl is not None:
         return _varlen_fwd(impl, q, k, v, q_segs, k_segs, spec, scale, softcap, out, lse)
     b, lq, h, _ = q.shape
     if out is None:
         out = torch.zeros(b, lq, h, v.shape[-1], dtype=acc_dtype(q.dtype), device=q.device)
         lse = torch.full((b, h, lq), float("-inf"), dtype=out.dtype, device=q.device)
-    fused = backend != "math" and torch_backend.fused_supported(q, v, softcap)
     for qi, ki, kind, qs, ks in block_plan(q_segs, k_segs, spec):
         mask = spec.dense(qs, ks, q.device) if kind is BlockKind.MIXED else None
-        qb, kb, vb = q[:, qi], k[:, ki], v[:, ki]
-        if fused:
-            blk_out, blk_lse = torch_backend.fused_fwd(qb, kb, vb, kind, mask, scale)
-        else:
-            blk_out, blk_lse = torch_backend.math_fwd(qb, kb, vb, kind, mask, scale, softcap)
+        kernel = chosen.tile_kernel(q, v, softcap, kind)
+        blk_out, blk_lse = kernel.fwd(q[:, qi], k[:, ki], v[:, ki], kind, mask, scale, softcap)
         merge_into(out[:, qi], lse[:, :, qi], blk_out, blk_lse.to(out.dtype))
     return out, lse
 
@@ -142,18 +125,15 @@ def attend_bwd(
     dt = acc_dtype(q.dtype)
     if into is None:
         into = tuple(torch.zeros(t.shape, dtype=dt, device=q.device) for t in (q, k, v))
-    impl = varlen_impl(backend, q, v, softcap)
+    chosen = registry.module(registry.pick(backend, q, spec))
+    impl = chosen.varlen_impl(q, v, softcap)
     if impl is not None:
         return _varlen_bwd(impl, dout, q, k, v, out, lse, q_segs, k_segs, spec, scale, softcap, into)
     dq, dk, dv = into
-    fused = backend != "math" and torch_backend.fused_supported(q, v, softcap)
     for qi, ki, kind, qs, ks in block_plan(q_segs, k_segs, spec):
         mask = spec.dense(qs, ks, q.device) if kind is BlockKind.MIXED else None
         args = (dout[:, qi], q[:, qi], k[:, ki], v[:, ki], out[:, qi], lse[:, :, qi])
-        if fused:
-            grads = torch_backend.fused_bwd(*args, kind, mask, scale)
-        else:
-            grads = torch_backend.math_bwd(*args, kind, mask, scale, softcap)
+        grads = chosen.tile_kernel(q, v, softcap, kind).bwd(*args, kind, mask, scale, softcap)
         dq[:, qi] += grads[0]
         dk[:, ki] += grads[1]
         dv[:, ki] += grads[2]

@@ -23,6 +23,10 @@ caller can get wrong:
   as query heads; an additive bias whose row stride is a multiple of 16; causal top-left; lse float32 [B, H, Lq
   rounded up to 32]; rows whose bias hides every key: out 0, lse -inf; the backward's checks "LSE is not correctly
   aligned (strideH / strideB)": lse batch and head strides multiples of 8.
+- `aten._scaled_dot_product_cudnn_attention` / `_backward` (torch: aten/src/ATen/native/transformers/cuda/
+  attention.cu, attention_backward.cu, cudnn/MHA.cpp; measured in gpu_2026-12.md): fp16 / bf16; GQA native; causal
+  aligned top-left when lengths differ; lse float32 [B, H, Lq, 1]; the backward takes the caller's out and lse;
+  grad_out strided like out (pytorch#176915: a backward stride assert otherwise; modelled conservatively).
 
 Results are exact math (no flash tiling), so a plan that is right gives the float64 answer to the inputs' rounding,
 and a plan that relies on something the real op does not do gives a wrong answer here too. A GPU test
@@ -37,7 +41,7 @@ import os
 
 import torch
 
-_state = {"active": None, "flash_attn": False, "float64": False}  # active None: read HF_SEQPAR_CUDA_STANDIN
+_state = {"active": None, "flash_attn": False, "cudnn": True, "float64": False}  # active None: the environment
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -52,18 +56,23 @@ def flash_attn_installed() -> bool:
     return active() and _state["flash_attn"]
 
 
+def cudnn_installed() -> bool:
+    """Whether the stand-in plays a GPU with torch's cuDNN SDPA ops (by default it does, as an H100 / H200)."""
+    return active() and _state["cudnn"]
+
+
 def float64_varlen() -> bool:
     """Test-only widening: the varlen stand-ins also take float64, so plans can be checked to 1e-12."""
     return active() and _state["float64"]
 
 
 @contextlib.contextmanager
-def cuda_standin(enabled: bool = True, *, flash_attn: bool = False, float64: bool = False):
+def cuda_standin(enabled: bool = True, *, flash_attn: bool = False, cudnn: bool = True, float64: bool = False):
     """Run the CUDA dispatch on CPU tensors through the stand-ins (`flash_attn=True`: as if flash-attn were
-    installed, so backend='auto' / 'flash_attn' pick it; `float64=True`: the varlen ops take float64 too, which the
-    real ones do not, for exactness tests of the plans)."""
+    installed, so backend='auto' / 'flash_attn' pick it; `cudnn=False`: a GPU without cuDNN's SDPA ops;
+    `float64=True`: the varlen ops take float64 too, which the real ones do not, for exactness tests of plans)."""
     saved = dict(_state)
-    _state.update(active=enabled, flash_attn=flash_attn, float64=float64)
+    _state.update(active=enabled, flash_attn=flash_attn, cudnn=cudnn, float64=float64)
     try:
         yield
     finally:
@@ -202,7 +211,8 @@ def _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal
 
 def _flash_attention_forward(
     query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *,
-    scale=None, window_size_left=None, window_size_right=None, seqused_k=None, alibi_slopes=None,
+    scale=None, window_size_left=None, window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
+    num_splits=None,
 ):  # fmt: skip
     """aten._flash_attention_forward, varlen form -> (out, lse [H, total_q], rng_state, unused, debug_mask)."""
     _check(cum_seq_q is not None, "stand-in: only the varlen form (cu_seqlens given) is modelled")
@@ -357,3 +367,28 @@ def _scaled_dot_product_efficient_attention_backward(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     dq, dk, dv = _dense_grads(grad_out_, query, key, value, out, logsumexp, scale, is_causal, True, attn_bias)
     return dq, dk, dv, None
+
+
+def _scaled_dot_product_cudnn_attention(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0,
+                                        is_causal=False, return_debug_mask=False, *, scale=None):  # fmt: skip
+    """-> (out, lse [B, H, Lq, 1] float32, cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug)."""
+    _check(query.dtype in HALF, "cuDNN SDPA: fp16 or bf16 inputs")
+    _check(query.shape[1] % key.shape[1] == 0, "cuDNN SDPA: key heads must divide query heads")
+    _check(attn_bias is None and dropout_p == 0.0, "stand-in: no bias (pytorch#196678) and no dropout")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = _dense(query, key, value, scale, is_causal, top_left=True, bias=None)
+    empty = torch.empty(0)
+    out = out.to(query.dtype).transpose(1, 2)
+    return out, lse.float().contiguous()[..., None], empty, empty, query.shape[2], key.shape[2], empty, empty, empty
+
+
+def _scaled_dot_product_cudnn_attention_backward(
+    grad_out, query, key, value, out, logsumexp, philox_seed, philox_offset, attn_bias, cum_seq_q, cum_seq_k,
+    max_q, max_k, dropout_p, is_causal, *, scale=None,
+):  # fmt: skip
+    b, h, lq, _ = query.shape
+    _check(query.dtype in HALF and out.dtype == query.dtype, "cuDNN SDPA: fp16 or bf16 inputs")
+    _check(grad_out.stride() == out.stride(), "stand-in: cuDNN's backward wants grad_out strided like out")
+    _check(logsumexp.dtype == torch.float32 and logsumexp.shape == (b, h, lq, 1), "logsumexp must be [B, H, Lq, 1]")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return _dense_grads(grad_out, query, key, value, out, logsumexp[..., 0], scale, is_causal, True, None)

@@ -1,5 +1,6 @@
-"""Block attention with torch only: a math path (any dtype and device, float64 included, softcap) and the fused
-SDPA kernels that return logsumexp (CPU flash kernel; CUDA flash / memory-efficient kernels).
+"""The "torch" backend: torch's own kernels. Variable-length rounds through torch's vendored FA2 (CUDA fp16/bf16,
+no softcap), tiles through the fused SDPA kernels that return logsumexp (CPU flash kernel; CUDA flash /
+memory-efficient kernels), and the math path (any dtype and device, float64 included, softcap) for the rest.
 
 Tensors are [B, L, H, D]; lse is [B, H, L] in the accumulation dtype. Backward takes the FINAL out and lse of
 the whole attention (not this block's), so the block's gradients come out exact with no rescaling.
@@ -7,9 +8,11 @@ the whole attention (not this block's), so the block's gradients come out exact 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ._compat import aten_op, on_cuda
+from ._compat import aten_op, aten_varlen_available, on_cuda, varlen_inputs_ok
 from .mask import BlockKind
 from .merge import acc_dtype
 
@@ -104,7 +107,7 @@ def _fold_kv(dx: torch.Tensor, num_kv: int) -> torch.Tensor:
     return dx if h == num_kv else dx.reshape(b, length, num_kv, h // num_kv, d).sum(3)
 
 
-def fused_fwd(q, k, v, kind, mask, scale):
+def fused_fwd(q, k, v, kind, mask, scale, softcap=None):
     causal = kind is BlockKind.CAUSAL
     if not on_cuda(q):
         fmask = None if mask is None else _float_mask(mask, q.dtype)
@@ -140,7 +143,7 @@ def _aligned_lse(lse: torch.Tensor) -> torch.Tensor:
     return buffer[..., :length]
 
 
-def fused_bwd(dout, q, k, v, out, lse, kind, mask, scale):
+def fused_bwd(dout, q, k, v, out, lse, kind, mask, scale, softcap=None):
     causal = kind is BlockKind.CAUSAL
     dt = q.dtype
     dout, out = dout.to(dt), out.to(dt)
@@ -193,3 +196,28 @@ def fused_bwd(dout, q, k, v, out, lse, kind, mask, scale):
             scale=scale,
         )
     return _bhld(dq), _fold_kv(_bhld(dk), hkv), _fold_kv(_bhld(dv), hkv)
+
+
+class TileKernel(NamedTuple):
+    """One tile's attention: fwd(q, k, v, kind, mask, scale, softcap) -> (out, lse); bwd(dout, q, k, v, out, lse,
+    kind, mask, scale, softcap) -> (dq, dk, dv), given the FINAL out and lse of the rows."""
+
+    fwd: object
+    bwd: object
+
+
+MATH = TileKernel(math_fwd, math_bwd)
+FUSED = TileKernel(fused_fwd, fused_bwd)
+
+
+def available() -> bool:
+    return True
+
+
+def varlen_impl(q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
+    """torch's vendored FA2 for varlen rounds: CUDA fp16 / bf16, no softcap."""
+    return "aten" if varlen_inputs_ok(q, v) and softcap is None and aten_varlen_available() else None
+
+
+def tile_kernel(q: torch.Tensor, v: torch.Tensor, softcap: float | None, kind: BlockKind) -> TileKernel:
+    return FUSED if fused_supported(q, v, softcap) else MATH
