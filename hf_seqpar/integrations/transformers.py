@@ -26,6 +26,7 @@ from ..algorithms import sequence_parallel_attention
 from ..config import SeqParConfig
 from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
+from .rng import ShardedRng
 
 logger = logging.getLogger("hf_seqpar")
 STATE_ATTR = "_hf_seqpar"
@@ -73,6 +74,10 @@ class SeqParState:
     current_docs: torch.Tensor | None = None  # offsets of the latest sharded forward (None after an unsharded one)
     _docs_cache: list = field(default_factory=lambda: [None, None, None])
     _stack: list = field(default_factory=list)
+    rng: ShardedRng = field(init=False)  # forks the generators per SP rank in sharded training forwards (rng.py)
+
+    def __post_init__(self):
+        self.rng = ShardedRng(self.groups.sp_rank, self.groups.sp_size)
 
     def documents(self, offsets: torch.Tensor, chunk: int | None = None):
         """Document offsets per row as tuples (None for one document per row); with `chunk`, every document is
@@ -93,9 +98,11 @@ class SeqParState:
             self._docs_cache[:] = [offsets, chunk, None if single_doc else tuple(rows)]
         return self._docs_cache[2]
 
-    def enter(self, kwargs: dict) -> None:
-        """Forward pre-hook: a sharded batch uses our attention, any other the original (masks built for it)."""
+    def enter(self, kwargs: dict, training: bool = False) -> None:
+        """Forward pre-hook: a sharded batch uses our attention, any other the original (masks built for it); a
+        sharded training forward draws its dropout masks from this SP rank's own stream."""
         sharded = kwargs.get(DOCS_KEY) is not None
+        self.rng.enter(sharded and training)
         self.current_docs = kwargs.get(DOCS_KEY)
         self._stack.append(([c._attn_implementation_internal for c, _ in self.originals], SHARDED_FORWARD.get()))
         for cfg, original in self.originals:
@@ -103,6 +110,7 @@ class SeqParState:
         SHARDED_FORWARD.set((self, kwargs.get(REAL_TOKENS_KEY)) if sharded else None)
 
     def leave(self) -> None:
+        self.rng.leave()
         impls, current = self._stack.pop()
         for (cfg, _), impl in zip(self.originals, impls, strict=True):
             cfg._attn_implementation_internal = impl
@@ -379,7 +387,7 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
         setattr(module, STATE_ATTR, state)
     for module in base.modules():  # the outer model and its inner decoder: nested calls are stacked
         if isinstance(module, PreTrainedModel):
-            pre = module.register_forward_pre_hook(lambda m, a, kw: state.enter(kw), with_kwargs=True)
+            pre = module.register_forward_pre_hook(lambda m, a, kw: state.enter(kw, m.training), with_kwargs=True)
             post = module.register_forward_hook(lambda m, a, out: state.leave(), always_call=True)
             state.hooks += [pre, post]
     setattr(base, STATE_ATTR, state)
