@@ -83,3 +83,17 @@ def test_backend_table_plan_through_the_cuda_standin(tmp_path):
     namespace: dict = {}
     exec(table.read_text(), namespace)
     assert namespace["AUTO"][("cuda", "half", "dense")] == tuple(rows[0]["order"])
+
+
+def test_train_step_plumbing_on_cpu(tmp_path):
+    # the tiny CPU mode: both arms train the same model on the same row, so their first losses agree (the hf_seqpar
+    # arm's attention and collator at sp_size=1 are exact); the times and MFU are only recorded, not judged
+    threads = torch.get_num_threads()
+    try:
+        report = _import("train_step").main(["--device", "cpu", "--steps", "1", "--out", str(tmp_path / "s.json")])
+    finally:
+        torch.set_num_threads(threads)
+    plain, ours = report["results"]
+    assert (plain["arm"], ours["arm"]) == ("transformers_sdpa", "hf_seqpar_sp1")
+    assert plain["model_flops"] == ours["model_flops"] > 0 and ours["tokens_per_s"] > 0
+    assert ours["loss"] == pytest.approx(plain["loss"], rel=1e-5)  # float32, after 2 identical optimizer steps
