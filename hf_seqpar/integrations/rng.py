@@ -11,13 +11,16 @@ forks the generators, and its end joins them again:
 3. seed those generators with `fork_seed(number, sp_rank)`: a different stream per SP rank, deterministic given
    the training seed, and a function of the RNG state alone (a run resumed with its saved RNG states draws what
    the uninterrupted run drew);
-4. after the forward, on error too, restore the states saved in 2. The next step, the data sampler, `generate`
-   and anything else drawing from the global generators see the same state on every SP rank.
+4. after the forward, on error too, restore the states saved in 2: the CPU stream one draw further than before
+   the forward, the accelerator's as it was (the forward drew from the fork). The next step, the data sampler,
+   `generate` and anything else drawing from the global generators see the same state on every SP rank.
 
 Unsharded forwards (`generate`, a prompt on one rank), eval-mode forwards and `sp_size=1` touch no generator, so
 they draw exactly what the plain model draws. Different DP groups fork alike; they hold different data, as in a plain
 data-parallel run. Gradient checkpointing (torch's, reentrant or not) saves the RNG state each checkpointed layer
-saw in forward, the forked one, and replays it in the recompute: the recompute draws the forward's masks.
+saw in forward, the forked one, and replays it in the recompute: the recompute draws the forward's masks. Only the
+current accelerator device forks: a model spread over several devices of one process would draw the other
+devices' masks alike on every SP rank.
 
 Masks are therefore drawn independently per position, with the plain run's distribution, but not the plain run's
 numbers: with dropout on, SP and plain runs agree statistically (benchmarks/dropout_parity.py), not bit for bit.
@@ -31,7 +34,7 @@ from types import ModuleType
 
 import torch
 
-_SEED_BITS = 63  # torch.Generator.manual_seed takes any integer below 2**64; 63 bits leave the sign alone
+_SEED_BITS = 63  # manual_seed takes any integer below 2**64; 63 bits keep the seed a non-negative int64 too
 
 
 def draw_common() -> int:
