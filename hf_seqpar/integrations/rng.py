@@ -5,14 +5,13 @@ dropout mask of one rank's shard would repeat, element for element, on every oth
 where a plain run draws every position's mask independently. So the outermost sharded forward in training mode
 forks the generators, and its end joins them again:
 
-1. draw one 64-bit number from the global CPU generator. All SP ranks hold the same state, so all draw the same
-   number, and the common stream advances by the same step on every rank;
-2. save the common states: the CPU generator's and, when one is in use, the current accelerator device's;
-3. seed those generators with `fork_seed(number, sp_rank)`: a different stream per SP rank, deterministic given
-   the training seed, and a function of the RNG state alone (a run resumed with its saved RNG states draws what
-   the uninterrupted run drew);
-4. after the forward, on error too, restore the states saved in 2: the CPU stream one draw further than before
-   the forward, the accelerator's as it was (the forward drew from the fork). The next step, the data sampler,
+1. save the common states: the CPU generator's and, when one is in use, the current accelerator device's;
+2. seed those generators with `fork_seed(common state, sp_rank)`: a different stream per SP rank, deterministic
+   given the training seed, and a function of the RNG state alone (a run resumed with its saved RNG states draws
+   what the uninterrupted run drew). Nothing is drawn from the common stream to fork;
+3. after the forward, on error too, restore the states saved in 1. If the forward drew from the fork (dropout is
+   on), the common CPU stream then advances by one draw, alike on every SP rank, so the next step forks anew; if it
+   drew nothing (dropout 0), the common state is exactly the plain run's. The next step, the data sampler,
    `generate` and anything else drawing from the global generators see the same state on every SP rank.
 
 Unsharded forwards (`generate`, a prompt on one rank), eval-mode forwards and `sp_size=1` touch no generator, so
@@ -42,11 +41,14 @@ def draw_common() -> int:
     return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
 
 
-def fork_seed(common: int, sp_rank: int) -> int:
-    """The seed of SP rank `sp_rank`'s stream, from the number all SP ranks drew (a hash: nearby inputs give
-    unrelated seeds, and no rank's seed is another's common draw)."""
-    digest = hashlib.blake2b(f"hf_seqpar-dropout:{common}:{sp_rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> (64 - _SEED_BITS)
+def fork_seed(states: tuple, sp_rank: int) -> int:
+    """The seed of SP rank `sp_rank`'s stream, from the common generator states every SP rank holds (a hash: nearby
+    states give unrelated seeds)."""
+    digest = hashlib.blake2b(f"hf_seqpar-dropout:{sp_rank}:".encode(), digest_size=8)
+    for state in states:
+        if state is not None:
+            digest.update(state.cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> (64 - _SEED_BITS)
 
 
 def accelerator_rng() -> ModuleType | None:
@@ -75,29 +77,35 @@ class ShardedRng:
     def __init__(self, sp_rank: int, sp_size: int, device_rng: Callable[[], ModuleType | None] = accelerator_rng):
         self.sp_rank, self.sp_size = sp_rank, sp_size
         self.device_rng = device_rng
-        self._saved: list = []  # per entered forward: None, or (cpu state, device module, device state)
+        self._saved: list = []  # per entered forward: None, or (common states, device module, forked states)
         self._forked = False  # inside a forward that forked
 
     def enter(self, fork: bool) -> None:
         if not fork or self.sp_size == 1 or self._forked:
             self._saved.append(None)
             return
-        common = draw_common()  # advances the common CPU stream by one draw, alike on every SP rank
         device = self.device_rng()
-        saved = (torch.get_rng_state(), device, device.get_rng_state() if device is not None else None)
+        common = self._states(device)
         seed = fork_seed(common, self.sp_rank)
         torch.default_generator.manual_seed(seed)  # the CPU alone: torch.manual_seed would seed every CUDA device
         if device is not None:
             device.manual_seed(seed)
-        self._saved.append(saved)
+        self._saved.append((common, device, self._states(device)))
         self._forked = True
+
+    @staticmethod
+    def _states(device) -> tuple:
+        return torch.get_rng_state(), device.get_rng_state() if device is not None else None
 
     def leave(self) -> None:
         saved = self._saved.pop()
         if saved is None:
             return
-        cpu_state, device, device_state = saved
+        (cpu_state, device_state), device, forked = saved
+        drew = any(a is not None and not torch.equal(a, b) for a, b in zip(forked, self._states(device), strict=True))
         torch.set_rng_state(cpu_state)
         if device is not None:
             device.set_rng_state(device_state)
+        if drew:  # dropout drew from the fork: move the common stream on, alike on every SP rank
+            draw_common()
         self._forked = False
