@@ -156,10 +156,18 @@ def _median(values):
     return sorted(values)[len(values) // 2]
 
 
-def run(opts) -> dict:
+def run(opts, out: Path | None = None) -> dict:
+    """Every row; with `out`, the report so far is written there after each row (a run stopped early keeps them)."""
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
     rows = []
+    report = {
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+        "settings": {k: v for k, v in vars(opts).items() if k != "out"},
+        "backend": resolve_backend(opts.backend, torch.empty(1, device=device, dtype=dtype)),
+        "results": rows,
+    }
     for seq in opts.seqs:
         gen = torch.Generator(device=device).manual_seed(0)
         shape = (1, seq)
@@ -218,15 +226,11 @@ def run(opts) -> dict:
                         }
                     )
                     print(_line(rows[-1]), flush=True)
+                    if out is not None:
+                        out.write_text(json.dumps(report, indent=2) + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {
-        "machine": machine_name(device),
-        "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(opts).items() if k != "out"},
-        "backend": resolve_backend(opts.backend, torch.empty(1, device=device, dtype=dtype)),
-        "results": rows,
-    }
+    return report
 
 
 def _line(r: dict) -> str:
@@ -315,10 +319,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     if torch.device(opts.device).type == "cpu":
         torch.set_num_threads(opts.threads)
-    report = run(opts)
     device = torch.device(opts.device).type
     out = opts.out or RESULTS / f"attention_efficiency_{device}{'_quick' if opts.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    report = run(opts, out)
     out.write_text(json.dumps(report, indent=2) + "\n")
     drew = plot(report, out.with_suffix(".png"))
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if drew else ""))

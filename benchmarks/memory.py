@@ -16,8 +16,8 @@ Models: `--model small` (CPU default): Llama, hidden 256, intermediate 1024, 4 l
 32,000, float32, full fine-tuning. `--model llama3-8b` (CUDA default): Llama-3-8B's shape (hidden 4096, 32 layers,
 32 / 8 heads, intermediate 14,336, vocab 128,256), random init, bfloat16, LoRA r=16 on the attention projections.
 
-Usage: python benchmarks/memory.py [--device cpu|cuda] [--sp 1,2,4] [--seq 2048,4096,8192] [--configs ...]
-Writes benchmarks/results/memory_<device>.json and .png, and prints the table of BENCHMARKS.md.
+Usage: python benchmarks/memory.py [--device cpu|cuda] [--sp 1,2,4] [--seq 2048,4096,8192] [--configs ...] [--layers N]
+Writes benchmarks/results/memory_<device>.json (and .png with matplotlib), and prints the table of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def _build(opts, device, world):
 
     ckpt, savings = CONFIGS[opts.config]
     config = hf_seqpar.SeqParConfig(sp_size=world, mode=opts.mode if world > 1 else "ring", **savings)
-    model_config = transformers.LlamaConfig(**MODELS[opts.model], max_position_embeddings=max(opts.seq, 8192))
+    shape = {**MODELS[opts.model], **({"num_hidden_layers": opts.layers} if opts.layers else {})}
+    model_config = transformers.LlamaConfig(**shape, max_position_embeddings=max(opts.seq, 8192))
     dtype = torch.bfloat16 if opts.model == "llama3-8b" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
@@ -236,6 +237,7 @@ def run_point(opts, sp: int, seq: int, config: str) -> dict:
         config,
         "--mode",
         opts.mode,
+        *(["--layers", str(opts.layers)] if opts.layers else []),
     ]
     procs = [
         subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
@@ -314,8 +316,11 @@ def per_token_table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(points: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def plot(points: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:  # a GPU image without matplotlib: the JSON and the table are the results
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,6 +344,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def main(argv=None) -> None:
@@ -349,6 +355,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", default=None, help="comma-separated sequence lengths")
     parser.add_argument("--configs", default=None, help=f"comma-separated, of {list(CONFIGS)}")
     parser.add_argument("--mode", default="ring", help="SeqParConfig.mode for sp > 1")
+    parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers instead of the model's own")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--resume", action="store_true", help="keep the points already in the results file")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/memory_<device>.json)")
@@ -373,11 +380,13 @@ def main(argv=None) -> None:
     configs = (opts.configs or ",".join(CONFIGS if opts.device == "cuda" else CPU_CONFIGS)).split(",")
     out = Path(opts.out) if opts.out else RESULTS / f"memory_{opts.device}.json"
     measure = "torch.cuda.max_memory_allocated" if opts.device == "cuda" else "live tensor bytes (TorchDispatchMode)"
+    model_config = {**MODELS[opts.model], **({"num_hidden_layers": opts.layers} if opts.layers else {})}
     result = dict(machine=_machine(opts.device), torch=torch.__version__, model=opts.model,
-                  model_config=MODELS[opts.model], measure=measure, mode=opts.mode, points=[])  # fmt: skip
+                  model_config=model_config, measure=measure, mode=opts.mode, points=[])  # fmt: skip
     if opts.resume and out.exists():  # keep the points measured before with the same model and measure
         previous = json.loads(out.read_text())
-        if (previous["model"], previous["measure"], previous["mode"]) == (opts.model, measure, opts.mode):
+        same = (previous["model"], previous["model_config"], previous["measure"], previous["mode"])
+        if same == (opts.model, model_config, measure, opts.mode):
             result["points"] = previous["points"]
     points = result["points"]
     out.parent.mkdir(parents=True, exist_ok=True)

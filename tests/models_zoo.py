@@ -96,9 +96,10 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager"):
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """The family's tiny model, float32, train mode; `overrides` replace config fields (longer windows, positions)."""
     config_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     if family == "gpt_oss":  # sinks start at zero; make them matter
