@@ -367,11 +367,18 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     """Switch `model` (in place; a PeftModel too) to sequence-parallel attention and return it.
 
     Batches from SequenceShardingCollator then run sharded; any other forward (generate, a plain prompt) runs the
-    model's original attention. `remove_sequence_parallel(model)` undoes the switch."""
+    model's original attention. `remove_sequence_parallel(model)` undoes the switch. The config's memory savings
+    (chunked_loss, tiled_mlp, offload_checkpoints) are switched to exactly what it asks for, as by
+    `apply_memory_savings(model, config)`: a second call with another config replaces the first's, savings too."""
+    from .memory import STATE_ATTR as MEMORY_ATTR
+    from .memory import apply_memory_savings
     from .moe import install_router_loss  # imports the model's modeling module only
 
     base = _base_model(model)
     modules, resolved = _check_supported(base, config)  # head constraints fail here, before any step
+    savings = getattr(base, MEMORY_ATTR, None)  # the same savings already on (custom chunk sizes too) stay as they are
+    if savings is None or savings.config.memory_savings != config.memory_savings:
+        apply_memory_savings(model, config)  # refuses (model untouched) what a saving cannot reproduce exactly
     remove_sequence_parallel(model)  # a second apply replaces the first
     impl = f"hf_seqpar_{config.mode}"
     AttentionInterface.register(impl, seqpar_attention_forward)
