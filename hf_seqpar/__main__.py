@@ -65,9 +65,10 @@ def _destroy_process_groups() -> None:
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
-    trainer = sys.modules.get("hf_seqpar.integrations.trainer")
-    if trainer is not None:
-        trainer.release_process_groups()
+    for name in ("hf_seqpar.integrations.trainer", "hf_seqpar.integrations.accelerator"):
+        hook = sys.modules.get(name)
+        if hook is not None:
+            hook.release_process_groups()
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -326,6 +326,7 @@ def fresh_hooks():
     from transformers import Trainer
 
     saved = [(Trainer, "__init__"), (accelerate.accelerator, "prepare_data_loader")]
+    saved += [(accelerate.accelerator.Accelerator, "prepare")]
     saved += [(accelerate.data_loader, "prepare_data_loader")]
     saved = [(owner, name, owner.__dict__[name]) for owner, name in saved]
     yield
@@ -339,7 +340,7 @@ def test_hooks_install_once_and_check_upstream(fresh_hooks):
     from transformers import Trainer
 
     from hf_seqpar.integrations.activate import activate
-    from hf_seqpar.integrations.hooks import ORIGINAL_ATTR, check_params
+    from hf_seqpar.integrations.hooks import KEY_ATTR, ORIGINAL_ATTR, check_params
 
     config = SeqParConfig(sp_size=2, mode="ring")
     original_init = Trainer.__init__
@@ -350,8 +351,10 @@ def test_hooks_install_once_and_check_upstream(fresh_hooks):
         getattr(m.prepare_data_loader, ORIGINAL_ATTR) for m in (accelerate.accelerator, accelerate.data_loader)
     }
     assert len(originals) == 1 and not hasattr(originals.pop(), ORIGINAL_ATTR)  # both bindings, wrapped once
-    with pytest.raises(ValueError, match="already active"):
-        activate(SeqParConfig(sp_size=2, mode="ulysses"))
+    ulysses = SeqParConfig(sp_size=2, mode="ulysses")
+    activate(ulysses)  # another config replaces the hook (tests/test_accelerate_loop.py checks the rest)
+    assert getattr(Trainer.__init__, ORIGINAL_ATTR) is original_init
+    assert getattr(Trainer.__init__, KEY_ATTR) == ("trainer", ulysses)
     with pytest.raises(RuntimeError, match=r"parameters \['torch_device_mesh'\] are gone"):
         check_params(lambda dataloader, num_processes: None, ("dataloader", "torch_device_mesh"), "a renamed hook")
 

@@ -21,11 +21,10 @@ import torch.distributed as dist
 
 from ..config import SeqParConfig
 from ..mesh import SeqParGroups, init_groups
-from .collator import IGNORE_INDEX, SequenceShardingCollator
+from .accelerator import switch_for_loop
+from .collator import IGNORE_INDEX
 from .hooks import world_size
 from .loaders import install_data_loader_hook
-from .memory import apply_memory_savings
-from .transformers import apply_sequence_parallel
 
 
 class SequenceParallelPlugin:
@@ -51,17 +50,8 @@ class SequenceParallelPlugin:
             if self.groups is None:
                 self.groups = init_groups(self.config)
             install_data_loader_hook()
-            for obj in objects:
-                if isinstance(obj, torch.utils.data.DataLoader):
-                    if not isinstance(obj.collate_fn, SequenceShardingCollator):
-                        # DataLoader allows setting collate_fn after construction; the hook sees it at prepare.
-                        obj.collate_fn = SequenceShardingCollator(
-                            obj.collate_fn, config=self.config, groups=self.groups
-                        )
-                elif isinstance(obj, torch.nn.Module):
-                    apply_sequence_parallel(obj, config=self.config, groups=self.groups)
-        for model in [obj for obj in objects if isinstance(obj, torch.nn.Module)]:  # memory savings: any sp_size
-            apply_memory_savings(model, self.config)
+        # models (memory savings at any sp_size, the startup line) and collators, as the Accelerator.prepare hook does
+        switch_for_loop(objects, self.config, self.groups)
         return accelerator.prepare(*objects)
 
     def num_items_in_batch(self, *batches) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..config import SeqParConfig
 from ..mesh import SeqParGroups, init_groups
+from .accelerator import mark_trainer_accelerator
 from .collator import SequenceShardingCollator
 from .evaluation import EvalState, exact_compute_loss, exact_evaluation_loop, exact_prediction_step
 from .hooks import check_params, install, versions, world_size
@@ -120,6 +121,7 @@ def _refuse_what_cannot_be_exact(trainer) -> None:
 
 def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
     """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
+    mark_trainer_accelerator(trainer.accelerator)  # its prepare() calls see models and loaders switched here
     apply_memory_savings(trainer.model, config)  # chunked loss, tiled MLP, offload: what the config asks for, any path
     if adapt_trl_trainer(trainer, config, _groups(config, groups_cache)):  # DPO / KTO: whole-sequence path
         return
@@ -190,7 +192,6 @@ def install_trainer_hook(config: SeqParConfig) -> None:
     check_params(Accelerator.gather_for_metrics, ("input_data", "use_gather_object"), "Accelerator.gather_for_metrics")
     for name, params in TRAINER_METHODS.items():
         check_params(getattr(Trainer, name), params, f"transformers.Trainer.{name}")
-    active = getattr(Trainer.__init__, CONFIG_ATTR, None)
-    if active is not None and active != config:
-        raise ValueError(f"hf_seqpar: already active with {active}; cannot switch to {config} in one process")
-    install(Trainer, "__init__", _attaching_init(config))
+    # A second activation with another config replaces this hook (or the sp_size=1 memory hook): the new one wins
+    # for every Trainer built from then on.
+    install(Trainer, "__init__", _attaching_init(config), key=("trainer", config))
