@@ -16,7 +16,24 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+import os  # noqa: E402
+import warnings  # noqa: E402
+
+import deprecations  # noqa: E402
 from _ranks import close_shared_pools, shared_pool  # noqa: E402
+
+# Deprecated upstream API called from hf_seqpar/, recipes/ or the demo fails the test (tests/deprecations.py): here
+# per test, and in every subprocess started from here (rank workers, launched scripts) through sitecustomize.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [deprecations.GUARD_DIR, os.environ.get("PYTHONPATH")]))
+deprecations.install_log_check()
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_calls():
+    previous = warnings.showwarning  # pytest's recorder, set up for this test
+    warnings.showwarning = deprecations.make_showwarning(previous)
+    yield
+    warnings.showwarning = previous
 
 
 @pytest.fixture(scope="session")

@@ -265,12 +265,15 @@ def _chunked_loss_forward(base, postprocess, chunk_tokens, original):
         loss = causal_lm_loss(log_probs, targets, named.get("num_items_in_batch"), ignore_index)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        from ._compat import output_cache_field
+
+        cache = output_cache_field(CausalLMOutputWithPast)  # the decoder's output names it the same way
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=None,
-            past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
+            **{cache: getattr(outputs, cache, None)},
         )
         return result.to_tuple() if return_dict is False else result
 
