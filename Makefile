@@ -5,14 +5,15 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean families gpu-check gpu-wheels
+.PHONY: test demo bench lint clean families gpu-check gpu-wheels test-latest test-oldest
 
-$(STAMP): pyproject.toml
+# The tested set: every package at its constraints.txt version (pyproject.toml keeps the ranges).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build.
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -21,11 +22,11 @@ test: $(STAMP)
 
 # A long-context LoRA fine-tune with SP=2 on 2 CPU processes (see hf_seqpar/demo/__main__.py); output in demo_output/.
 demo: $(STAMP)
-	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"  # the demo's PNG
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt -e ".[bench]"  # the demo's PNG
 	$(PY) -m hf_seqpar.demo
 
 bench: $(STAMP)
-	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib  # the benchmarks' PNG plots
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt matplotlib  # the benchmarks' PNG plots
 	$(PY) benchmarks/run_all.py
 
 # On a machine with a CUDA GPU, one command, no network, about 5.5 minutes on one H100 / H200 with the set-up, run with
@@ -51,9 +52,38 @@ gpu-wheels: $(STAMP)
 families: $(STAMP)
 	$(PY) tests/scripts/family_sweep.py --check
 
+# The two ends of pyproject's ranges, each in its own venv (TESTS= narrows the suite, e.g. TESTS=tests/test_config.py).
+# test-latest: the newest releases (torch stays TORCH_SPEC); prints what drifted from constraints.txt, then pytest's result.
+# test-oldest: every dependency at pyproject's lower bound (==); torch stays OLDEST_TORCH, by default TORCH_SPEC, the
+# one CPU build a plain PyPI index serves without CUDA (torch's own lower bound needs its CPU index: OLDEST_TORCH=torch==2.6.0).
+LATEST ?= .venv-latest
+OLDEST ?= .venv-oldest
+OLDEST_TORCH ?= $(TORCH_SPEC)
+TESTS ?=
+
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH_SPEC)"
+	$(LATEST)/bin/python tests/scripts/pins.py drift $(LATEST)/bin/python
+	$(LATEST)/bin/python -m pytest -q $(TESTS)
+
+$(OLDEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv --clear $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python tests/scripts/pins.py oldest --except torch > $(OLDEST)/oldest.txt
+	$(OLDEST)/bin/python -m pip install -q "$(OLDEST_TORCH)"
+	$(OLDEST)/bin/python -m pip install -q -c $(OLDEST)/oldest.txt "$(OLDEST_TORCH)" -e ".[dev]"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python tests/scripts/pins.py drift $(OLDEST)/bin/python
+	$(OLDEST)/bin/python -m pytest -q $(TESTS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST) $(OLDEST)
