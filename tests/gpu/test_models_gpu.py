@@ -38,13 +38,14 @@ PADDED = (200, 77)
 EAGER_ONLY = {"gemma2", "gpt_oss"}  # transformers' SDPA path takes neither softcap nor sinks
 FAMILIES = ("llama", "mistral", "gemma2", "gpt_oss")
 MODES = {"ring": None, "allgather": None, "ulysses": None, "usp": 2}  # usp: ulysses 2 x ring P/2 (P=2: Ulysses)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 _GROUPS: dict = {}
 _PLAIN: dict = {}  # per worker process: the plain runs, shared by every mode (and float64 by both precisions)
 
 
 def _model(family: str, device: str, dtype: torch.dtype, attn: str = "eager"):
     model = tiny_model(family, attn_implementation=attn, sliding_window=WINDOW, max_position_embeddings=512)
-    if family == "gpt_oss":  # torch's grouped_mm takes no float64 (and fp32 not on every GPU): the attention is tested
+    if family == "gpt_oss":  # torch's grouped_mm takes no float64; eager experts in all three models keep them alike
         model.set_experts_implementation("eager")
     return model.to(device, dtype)
 
@@ -129,7 +130,7 @@ def _check(results, precision):
 
 
 def _cases():
-    """Every (world, device, family, mode, rows, precision); CPU cases beyond FAST only with -m slow."""
+    """Every (device, world, family, mode, rows, precision); CPU cases beyond `fast` only with -m slow."""
     fast = {
         ("cpu", 2, "mistral", "ring", "packed", "bf16"),  # issue 13's bug: bf16 ring, documents + window
         ("cpu", 4, "gpt_oss", "usp", "padded", "fp32"),  # sinks, 4 processes, ulysses 2 x ring 2
@@ -142,19 +143,14 @@ def _cases():
                     for kind in ("packed", "padded"):
                         for precision in ("bf16", "fp32"):
                             key = (device, world, family, mode, kind, precision)
-                            marks = [pytest.mark.gpu] if device == "cuda" else []
+                            marks = [pytest.mark.gpu, needs_cuda] if device == "cuda" else []
                             marks += [] if device == "cuda" or key in fast else [pytest.mark.slow]
                             cases.append(pytest.param(*key, marks=marks, id="-".join(map(str, key))))
     return cases
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.parametrize("device,ranks,family,mode,kind,precision", _cases(), indirect=["ranks"])
 def test_model_parity(ranks, device, family, mode, kind, precision):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     _check(ranks.run(_body_parity, family, mode, kind, precision, device), precision)
 
 
