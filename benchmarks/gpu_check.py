@@ -1,14 +1,19 @@
-"""`make gpu-check`: the GPU tests, the attention-efficiency and the memory benchmark on one CUDA machine, each part
-within its time budget (unused time passes on to the next part), then ONE summary table.
+"""`make gpu-check`: the GPU tests, the attention-efficiency, memory, backend-table and training-step benchmarks on one
+CUDA machine, each part within its time budget (unused time passes on to the next part), then ONE summary table.
 
-On a CUDA machine (about 5.5 minutes on one H100 / H200, set-up included):
+On a CUDA machine (about 6 minutes on one H100 / H200, set-up included):
   setup       wheels from --wheels (`make gpu-wheels`) installed with pip --no-index --no-deps into --site, which goes
               first on every part's PYTHONPATH (the GPU image lacks the suite's transformers / accelerate / peft);
               then the versions every part will import
   tests       pytest -m gpu tests/gpu (kernels, simulated ranks, whole models across processes on the one GPU)
   efficiency  benchmarks/attention_efficiency.py --device cuda at 16K and 64K tokens, P = 4 and 8
   memory      benchmarks/memory.py --device cuda: Llama-3-8B's shape cut to 4 layers, 64K tokens, sp 1
-Writes <out>/attention_efficiency_cuda.json, memory_cuda.json and gpu_check_cuda.json (the table, each failed test);
+  backends    benchmarks/backend_table.py --device cuda: every kernel backend per (dtype, mask), 32K tokens: the
+              order backend='auto' should use (kernels/auto_table.py; `--write` there updates it)
+  step        benchmarks/train_step.py --device cuda: one LoRA step of the 4-layer Llama-3-8B shape at 32K tokens,
+              hf_seqpar sp=1 against plain transformers SDPA: tokens/s and MFU
+Writes <out>/attention_efficiency_cuda.json, memory_cuda.json, backend_table_cuda.json, train_step_cuda.json and
+gpu_check_cuda.json (the table, each failed test);
 <out> is benchmarks/results by default; each part's output goes to <out>/gpu_check_logs/.
 
 Without CUDA (or with --cpu) the same plan runs on CPU through the CUDA stand-in (HF_SEQPAR_CUDA_STANDIN=1: CPU
@@ -16,7 +21,7 @@ tensors take the CUDA dispatch, plans and op contracts, hf_seqpar/kernels/standi
 *_cpu_standin.json under out/gpu_check by default, and exits 0 when every part passed; tests/test_gpu_check.py runs
 it so in the default suite.
 
-Usage: python benchmarks/gpu_check.py [--out DIR] [--budget-s 330] [--wheels .whl] [--site DIR] [--cpu] [--quick]
+Usage: python benchmarks/gpu_check.py [--out DIR] [--budget-s 340] [--wheels .whl] [--site DIR] [--cpu] [--quick]
        python benchmarks/gpu_check.py --pins    # the name==version list `make gpu-wheels` downloads
 This file is also the tests part's pytest plugin (-p gpu_check): it logs each test's outcome as it happens, so a part
 stopped at its budget still reports what it ran.
@@ -43,7 +48,8 @@ OUTCOMES_ENV = "HF_SEQPAR_GPU_CHECK_OUTCOMES"
 # What the GPU image lacks or has at other versions (gpu_2026-12.md "How it was run"), at .venv's versions.
 CARRIED = ("transformers", "accelerate", "peft", "huggingface_hub", "kernels", "httpx2", "httpcore2", "truststore",
            "click", "hf-xet", "tomlkit", "pytest", "pluggy", "iniconfig")  # fmt: skip
-BUDGET_SHARES = {"setup": 25, "tests": 195, "efficiency": 60, "memory": 50}  # seconds of the default 330
+# seconds of the default 340 (6 minutes with the wheels' install and the machine's warm-up)
+BUDGET_SHARES = {"setup": 25, "tests": 165, "efficiency": 50, "memory": 45, "backends": 20, "step": 35}
 
 
 @dataclass
@@ -83,7 +89,17 @@ def plan(opts, cuda: bool, out: Path, tag: str) -> list[Part]:
                 "--warmup", "0"]  # fmt: skip
         mem += ["1" if opts.quick else "1,2", "--device", "cpu", "--seq", "256", "--layers", "1",
                 "--configs", "ckpt+chunked_loss+tiled_mlp", "--timeout", "120"]  # fmt: skip
-    return [setup, tests, Part("efficiency", eff, standin), Part("memory", mem, standin)]
+    backends = [*py, str(BENCH / "backend_table.py"), "--out", str(out / f"backend_table_{tag}.json")]
+    step = [*py, str(BENCH / "train_step.py"), "--out", str(out / f"train_step_{tag}.json")]
+    if cuda:  # auto's table re-measured (not written into the package: a person reads it and commits it)
+        backends += ["--device", "cuda", "--seq", "32768"]
+        step += ["--device", "cuda", "--seqs", "32768", "--steps", "2"]
+    else:
+        backends += ["--device", "cpu"]
+        step += ["--device", "cpu", "--steps", "1"]
+    parts = [setup, tests, Part("efficiency", eff, standin), Part("memory", mem, standin)]
+    # --quick leaves out the backend table and the training step (tests/test_benchmarks.py runs both on CPU)
+    return parts if opts.quick else [*parts, Part("backends", backends), Part("step", step, standin)]
 
 
 # ---- running a part within its budget -----------------------------------------------------------------------------
@@ -189,6 +205,37 @@ def read_memory(part: Part, path: Path) -> None:
     )
 
 
+def read_backends(part: Part, path: Path) -> None:
+    if not path.exists():
+        part.failed, part.headline = 1, "no results file"
+        return
+    rows = json.loads(path.read_text())["rows"]
+    part.passed = len(rows)
+    part.headline = "; ".join(
+        f"{r['dtype']} {r['mask']}: " + " < ".join(f"{n} {r['seconds'][n] * 1e3:.1f} ms" for n in r["order"])
+        for r in rows
+    )
+
+
+def read_step(part: Part, path: Path) -> None:
+    if not path.exists():
+        part.failed, part.headline = 1, "no results file"
+        return
+    rows = json.loads(path.read_text())["results"]
+    part.passed = len(rows)
+    by_seq: dict = {}
+    for r in rows:
+        by_seq.setdefault(r["seq"], {})[r["arm"]] = r
+    part.headline = "; ".join(
+        f"{seq:,} tok: "
+        + ", ".join(f"{arm} {r['tokens_per_s']:,.0f} tok/s MFU {r['mfu']:.2f}" for arm, r in arms.items())
+        for seq, arms in by_seq.items()
+    )
+
+
+READERS = {"efficiency": "attention_efficiency", "memory": "memory", "backends": "backend_table", "step": "train_step"}
+
+
 # ---- the driver ---------------------------------------------------------------------------------------------------
 
 
@@ -286,10 +333,10 @@ def main(argv=None) -> int:
             read_setup(part, log, installed)
         elif part.name == "tests":
             read_tests(part, outcomes)
-        elif part.name == "efficiency":
-            read_efficiency(part, out / f"attention_efficiency_{tag}.json")
         else:
-            read_memory(part, out / f"memory_{tag}.json")
+            reader = {"efficiency": read_efficiency, "memory": read_memory, "backends": read_backends,
+                      "step": read_step}[part.name]  # fmt: skip
+            reader(part, out / f"{READERS[part.name]}_{tag}.json")
         if part.status != "ok" or part.failed:
             print(f"--- {part.name}: last lines of {log}\n{_tail(log)}", flush=True)
     machine = torch.cuda.get_device_name(0) if cuda else "CPU, CUDA stand-in"
