@@ -15,7 +15,7 @@ BACKENDS = ("auto", *KERNEL_BACKENDS)
 
 _ENV_PREFIX = "HF_SEQPAR_"
 _INT_FIELDS = ("sp_size", "ulysses_size", "ring_size")
-_BOOL_FIELDS = ("chunked_loss", "tiled_mlp", "offload_checkpoints")  # the savings of hf_seqpar.memory, any sp_size
+_BOOL_FIELDS = ("chunked_loss", "tiled_mlp", "offload_checkpoints", "recompute_norms", "recompute_lora_inputs")  # the savings of hf_seqpar.memory, any sp_size
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -50,6 +50,14 @@ class SeqParConfig:
     offload_checkpoints: bool = field(
         default=False,
         metadata={"help": "Keep the activations gradient checkpointing saves in (pinned) CPU memory."},
+    )
+    recompute_norms: bool = field(
+        default=False,
+        metadata={"help": "Decoder RMSNorms keep only their input; their float32 intermediates are recomputed."},
+    )
+    recompute_lora_inputs: bool = field(
+        default=False,
+        metadata={"help": "PEFT LoRA's float32 copy of each adapted linear's input is recomputed, not kept."},
     )
 
     def __post_init__(self) -> None:

@@ -179,6 +179,25 @@ def _loss_bytes(m: ModelShape, local: int, chunked: bool, e: int, lm_head_grad: 
     return (4 + low) * tokens * m.vocab + running_sum + lm_head_grad
 
 
+def _lora_layer_peak(m: ModelShape, e: int, *, offload: bool, norms: bool, lora_inputs: bool, tiled: bool) -> tuple:
+    """(bytes per token at a checkpointed layer's peak, of which the stored part per layer is not included) for LoRA
+    on a bf16 / fp16 model, term by term as benchmarks/memory_breakdown.py finds them (Llama-3-8B shape, 4K-256K
+    tokens: the peak is the post-attention RMSNorm's backward while the attention half's recompute is alive):
+    attention output, its float32 logsumexp and the residual adds; PEFT's float32 copies of the q, k, v, o inputs
+    (recompute_lora_inputs: gone); the norms' float32 inputs (recompute_norms: the input norm's output only); the
+    norm backward's float32 temporaries (five hidden-sized, one more when the norm is recomputed)."""
+    h, q, kv, f = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, 4
+    attention = e * (2 * h + kv) + 4 * m.heads
+    copies = e * kv + (0 if lora_inputs else f * (3 * h + q))
+    norm_saved = e * h if norms else 2 * f * h
+    norm_backward = 5 * f * h + e * h + (f * h if norms else 0)
+    attention_half = attention + copies + norm_saved + norm_backward
+    mlp = 0 if tiled else e * 4 * m.mlp_active + (0 if lora_inputs else f * (2 * h + m.mlp_active))
+    mlp_half = attention + norm_saved + e * h + mlp  # the MLP's recompute, when it is not tiled
+    copied_back = e * h if offload and norms else 0  # the layer input, kept by the recomputed norm
+    return max(attention_half, mlp_half) + copied_back
+
+
 def estimate_memory(
     m: ModelShape,
     seq_len: int,
@@ -192,11 +211,16 @@ def estimate_memory(
     grad_ckpt: bool = True,
     tiled_mlp: bool = False,
     shard_weights: int = 1,
+    offload: bool = False,
+    recompute_norms: bool = False,
+    recompute_lora_inputs: bool = False,
 ) -> dict:
     """Bytes per GPU, by component. `shard_weights`: ZeRO-3 / FSDP degree over which weights, gradients and
     optimizer states are split (1 = replicated, plain DDP-style sequence parallelism). `tiled_mlp`: the MLP runs
     over tiles of max(256, hidden) tokens, recomputed in the backward (hf_seqpar.memory.tiled): its four
-    intermediates are never stored, one tile's exist at a time."""
+    intermediates are never stored, one tile's exist at a time. `offload`: offload_checkpoints, the layer inputs
+    that checkpointing keeps live in host memory (`host_bytes`), the embeddings' output stays. `recompute_norms`,
+    `recompute_lora_inputs`: the SeqParConfig savings of those names (LoRA on a 16-bit model: see _lora_layer_peak)."""
     e = DTYPE_BYTES[dtype]
     local = batch * seq_len // gpus
     trainable = m.lora_params if lora else m.params
@@ -210,22 +234,34 @@ def estimate_memory(
         layer -= e * 4 * m.mlp_active
         tile = min(local, max(MLP_TILE_TOKENS, m.hidden)) * e * 4 * m.mlp_active * 2  # intermediates and their grads
     head = e * m.hidden + _norm_bytes(m.hidden, e)  # embeddings' output, final norm
-    if grad_ckpt:  # each layer keeps its input; the backward recomputes one layer at a time
-        stored = local * (m.layers * e * m.hidden + head)
+    lora16 = lora and e != 4 and grad_ckpt  # PEFT's float32 adapters on a 16-bit model: measured term by term
+    host = local * m.layers * e * m.hidden if grad_ckpt and offload else 0
+    if lora16:
+        rope = 2 * e * m.head_dim  # cos, sin
+        stored = local * ((e * m.hidden if offload else m.layers * e * m.hidden) + rope)
+        working = local * _lora_layer_peak(m, e, offload=offload, norms=recompute_norms, lora_inputs=recompute_lora_inputs,
+                                           tiled=tiled_mlp)  # fmt: skip
+    elif grad_ckpt:  # each layer keeps its input; the backward recomputes one layer at a time
+        stored = local * ((e * m.hidden if offload else m.layers * e * m.hidden) + head)
         working = local * layer
     else:
         stored, working = local * (m.layers * layer + head), 0
-    working += tile
+    working += 0 if lora16 else tile
     attention = _attention_buffer_bytes(m, mode, gpus, ulysses, local // batch, e) * batch
     lm_head_grad = 0 if lora else m.vocab * m.hidden * grad_bytes
     loss = {c: _loss_bytes(m, local, c, e, lm_head_grad) for c in (False, True)}
     # lm_head's weight gradient exists from the loss backward on, through every layer's recompute
-    step = {c: max(stored + loss[c], stored + working + attention + lm_head_grad, gradients) for c in (False, True)}
+    if lora16:  # the peak is a norm's backward; the attention kernel's buffers and an MLP tile come at other moments
+        other = max(attention, tile) + local * (e * (2 * m.hidden + m.kv_heads * m.head_dim) + 2 * 4 * m.hidden)
+        step = {c: max(stored + loss[c], stored + max(working, other), gradients) for c in (False, True)}
+    else:
+        step = {c: max(stored + loss[c], stored + working + attention + lm_head_grad, gradients) for c in (False, True)}
     return {
         "weights": weights,
         "gradients": gradients,
         "optimizer": optimizer,
         "activations_stored": stored,
+        "host_bytes": host,
         "layer_recompute": working,
         "attention_buffers": attention,
         "loss_plain": loss[False],
@@ -295,10 +331,7 @@ def report(args) -> str:
     if args.seq_len % (2 * args.gpus):
         raise ValueError(f"hf_seqpar: --seq-len {args.seq_len} must be a multiple of 2 x gpus = {2 * args.gpus}")
     mode, u, r, why = recommend(m, args.gpus, args.nodes)
-    mem = estimate_memory(
-        m, args.seq_len, args.gpus, mode=mode, ulysses=u, batch=args.batch, lora=args.lora, dtype=args.dtype,
-        grad_ckpt=not args.no_grad_ckpt, tiled_mlp=args.tiled_mlp, shard_weights=args.gpus if args.zero3 else 1,
-    )  # fmt: skip
+    mem = _memory(m, args, args.seq_len, args.gpus)
     t = step_times(m, args.seq_len, args.gpus, args.nodes, gpu, u, r, lora=args.lora, grad_ckpt=not args.no_grad_ckpt,
                    batch=args.batch, elem=DTYPE_BYTES[args.dtype])  # fmt: skip
     local = args.batch * args.seq_len // args.gpus
@@ -335,6 +368,90 @@ def report(args) -> str:
         f"{t['ring_link_gbs']:.0f} GB/s (overlaps compute)",
         f"  communication / compute: {(t['all_to_all_s'] + t['ring_s']) / t['compute_s']:.1%}",
     ]
+    if mem["host_bytes"]:
+        lines.insert(13, f"  host (offloaded)     {_gib(mem['host_bytes'])}   layer checkpoints in pinned CPU memory")
+    return "\n".join(lines + ["", verdict(m, args, args.seq_len)])
+
+
+# ---- does it fit: the verdict, the cheapest change, the longest context -------------------------------------------
+
+RESERVE_GIB = 4  # CUDA context, NCCL, fragmentation
+SAVINGS = {  # flag -> SeqParConfig field, in the order a user should reach for them (exact and cheap first)
+    "chunked_loss": "chunked_loss", "recompute_lora_inputs": "recompute_lora_inputs",
+    "recompute_norms": "recompute_norms", "tiled_mlp": "tiled_mlp", "offload": "offload_checkpoints",
+}  # fmt: skip
+
+
+def _memory(m: ModelShape, args, seq_len: int, gpus: int) -> dict:
+    mode, u, _, _ = recommend(m, gpus, args.nodes)
+    return estimate_memory(
+        m, seq_len, gpus, mode=mode, ulysses=u, batch=args.batch, lora=args.lora, dtype=args.dtype,
+        grad_ckpt=not args.no_grad_ckpt, tiled_mlp=args.tiled_mlp, shard_weights=gpus if args.zero3 else 1,
+        offload=args.offload, recompute_norms=args.recompute_norms, recompute_lora_inputs=args.recompute_lora_inputs,
+    )  # fmt: skip
+
+
+def _total(m: ModelShape, args, seq_len: int, gpus: int) -> int:
+    mem = _memory(m, args, seq_len, gpus)
+    return mem["total_chunked" if args.chunked_loss else "total_plain"]
+
+
+def _usable(args) -> float:
+    return GPUS[args.gpu].memory_gib * 1e9 - RESERVE_GIB * GIB
+
+
+def _changes(args):
+    """Single changes, cheapest first: a saving not on yet, ZeRO-3 / FSDP2, then more GPUs for sequence parallelism."""
+    for flag in SAVINGS:
+        if not getattr(args, flag):
+            yield f"{SAVINGS[flag]}: true", argparse.Namespace(**{**vars(args), flag: True})
+    if not args.zero3:
+        yield "ZeRO-3 / FSDP2 (weights sharded over the GPUs)", argparse.Namespace(**{**vars(args), "zero3": True})
+
+
+def verdict(m: ModelShape, args, seq_len: int) -> str:
+    """'fits' or 'does not fit' on the named GPU, and the cheapest change that makes it fit."""
+    need, usable, gpu = _total(m, args, seq_len, args.gpus), _usable(args), args.gpu.upper()
+    loss = " (chunked_loss)" if args.chunked_loss else " (plain loss)"
+    if need <= usable:
+        return f"Verdict: fits{loss}: {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB usable per {gpu}"
+    head = f"Verdict: does NOT fit{loss}: {need / GIB:.1f} GiB per GPU, {usable / GIB:.1f} GiB usable per {gpu}"
+    for change, changed in _changes(args):
+        if _total(m, changed, seq_len, args.gpus) <= usable:
+            return f"{head}. Cheapest change that fits: {change} ({_total(m, changed, seq_len, args.gpus) / GIB:.1f} GiB)"
+    everything = argparse.Namespace(**{**vars(args), **dict.fromkeys(SAVINGS, True), "zero3": True})
+    for gpus in (args.gpus * k for k in (2, 4, 8, 16)):
+        if seq_len % (2 * gpus) == 0 and _total(m, args, seq_len, gpus) <= usable:
+            return f"{head}. Cheapest change that fits: more sequence parallelism, {gpus} GPUs"
+    if _total(m, everything, seq_len, args.gpus) <= usable:
+        return f"{head}. It fits with every saving on and ZeRO-3 / FSDP2 together"
+    return f"{head}. No single change fits it; shorten the sequence (--max-context) or add GPUs"
+
+
+def max_context(m: ModelShape, args) -> int:
+    """The longest sequence (a multiple of 1,024 and of 2 x gpus) whose estimate fits the GPUs' usable memory."""
+    step = max(1024, 2 * args.gpus)
+    usable, lo, hi = _usable(args), 0, step
+    while _total(m, args, hi, args.gpus) <= usable and hi < 1 << 34:
+        lo, hi = hi, hi * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if _total(m, args, mid, args.gpus) <= usable else (lo, mid)
+    return lo
+
+
+def max_context_report(args) -> str:
+    name, m = load_model(args.model)
+    longest = max_context(m, args)
+    on = [SAVINGS[f] for f in SAVINGS if getattr(args, f)] + (["ZeRO-3"] if args.zero3 else [])
+    lines = [
+        f"{name} on {args.gpus} x {args.gpu.upper()}" + (", LoRA r=16" if args.lora else "") + ", "
+        + (", ".join(on) if on else "no savings") + f": longest sequence that fits = {longest:,} tokens"
+    ]
+    if longest:
+        need = _total(m, args, longest, args.gpus)
+        lines.append(f"  ({need / GIB:.1f} GiB per GPU of {_usable(args) / GIB:.1f} usable; "
+                     f"{_memory(m, args, longest, args.gpus)['host_bytes'] / GIB:.0f} GiB of host memory)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -351,8 +468,13 @@ def cli(argv=None) -> None:
     parser.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off")
     parser.add_argument("--zero3", action="store_true", help="weights, gradients, optimizer sharded over all GPUs")
     parser.add_argument("--tiled-mlp", action="store_true", help="SeqParConfig(tiled_mlp=True)")
+    parser.add_argument("--offload", action="store_true", help="SeqParConfig(offload_checkpoints=True)")
+    parser.add_argument("--recompute-norms", action="store_true", help="SeqParConfig(recompute_norms=True)")
+    parser.add_argument("--recompute-lora-inputs", action="store_true", help="SeqParConfig(recompute_lora_inputs=True)")
+    parser.add_argument("--chunked-loss", action="store_true", help="judge the fit with SeqParConfig(chunked_loss=True)")
+    parser.add_argument("--max-context", action="store_true", help="the longest sequence that fits --gpus x --gpu")
     args = parser.parse_args(argv)
     try:
-        print(report(args))
+        print(max_context_report(args) if args.max_context else report(args))
     except ValueError as err:
         raise SystemExit(f"hf-seqpar estimate: error: {err}") from None

@@ -119,6 +119,8 @@ def test_config_fields_defaults_and_keyword_only():
         "chunked_loss": False,
         "tiled_mlp": False,
         "offload_checkpoints": False,
+        "recompute_norms": False,
+        "recompute_lora_inputs": False,
     }
     assert {kind for kind, _ in _params(hf_seqpar.SeqParConfig).values()} == {P.KEYWORD_ONLY}
     assert all(f.metadata.get("help") for f in dataclasses.fields(hf_seqpar.SeqParConfig))  # doubles as CLI help

@@ -12,6 +12,12 @@ instance-level `forward` (bound, so that accelerate's autocast wrapper and `insp
 - tiled_mlp, on each decoder layer's MLP: `hf_seqpar.memory.tiled_apply` over the sequence.
 - offload_checkpoints, on the decoder: its training forward runs under `CheckpointOffloader.saving()`, so the layer
   inputs that gradient checkpointing keeps wait in (pinned) host memory.
+- recompute_norms, on each RMSNorm of the decoder: the norm runs under non-reentrant checkpointing, so its float32
+  intermediates are not kept (only its input, which the residual stream holds anyway) and are recomputed in backward.
+- recompute_lora_inputs, on each PEFT LoRA linear: the adapter branch, lora_B(lora_A(dropout(x))) * scaling, runs
+  under non-reentrant checkpointing, so the float32 copy of the input that PEFT makes for float32 adapters on a bf16
+  model (one per adapted linear) is not kept; the cast and lora_A are recomputed in backward (r columns: cheap).
+  Checkpointing recomputes the same ops on the same values (and replays the dropout's RNG), so both are exact.
 
 What a saving cannot reproduce exactly is refused here, when it is applied, with a message that starts `hf_seqpar:`.
 """
@@ -138,6 +144,8 @@ def apply_memory_savings(
     postprocess = _logit_postprocessing(base) if config.chunked_loss else None
     mlps = _dense_mlps(base) if config.tiled_mlp else []
     decoder = _decoder(base, "offload_checkpoints") if config.offload_checkpoints else None
+    norms = _layer_norms(base) if config.recompute_norms else []
+    loras = _lora_linears(model) if config.recompute_lora_inputs else []
 
     state = MemoryState(config=config, options=options)
     if config.chunked_loss:
@@ -146,6 +154,10 @@ def apply_memory_savings(
     mlp_chunk = mlp_chunk_tokens or max(MIN_MLP_CHUNK_TOKENS, getattr(text_config, "hidden_size", 0))
     for mlp in mlps:
         _install(state, mlp, functools.partial(_tiled_mlp_forward, mlp_chunk))
+    for norm in norms:
+        _install(state, norm, _recomputed_forward)
+    for lora in loras:
+        _install(state, lora, _lora_recomputed_input_forward)
     if decoder is not None:
         state.offloader = CheckpointOffloader(min_bytes=offload_min_bytes)
         _install(state, decoder, functools.partial(_offloading_forward, decoder, state.offloader))
@@ -341,5 +353,58 @@ def _offloading_forward(decoder, offloader, original):
             )
         with offloader.saving():
             return original(*args, **kwargs)
+
+    return forward
+
+
+# ---- recomputed norms and LoRA inputs ------------------------------------------------------------------------------
+
+
+def _layer_norms(base) -> list[torch.nn.Module]:
+    """Every RMSNorm of the decoder: the layers' (input / post-attention, per-head q / k norms) and the final one."""
+    return [m for m in _decoder(base, "recompute_norms").modules() if type(m).__name__.endswith("RMSNorm")]
+
+
+def _recomputed_forward(original):
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or kwargs or not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            return original(hidden_states, *args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(original, hidden_states, use_reentrant=False)
+
+    return forward
+
+
+def _lora_linears(model) -> list[torch.nn.Module]:
+    """PEFT's LoRA `Linear` layers (their class, found by what they hold: lora_A, lora_B, base_layer)."""
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__ == "Linear" and all(hasattr(m, a) for a in ("lora_A", "lora_B", "base_layer", "scaling"))
+    ]
+
+
+def _lora_recomputed_input_forward(original):
+    """PEFT's vanilla LoRA forward (base output + the float32 adapter branch, cast back) with the branch checkpointed;
+    anything else (merged, disabled, variants such as DoRA, several adapters, extra arguments) takes PEFT's forward."""
+
+    def forward(self, x, *args, **kwargs):
+        active = [a for a in self.active_adapters if a in self.lora_A.keys()]
+        plain = args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+        if plain or active[0] in getattr(self, "lora_variant", {}) or not torch.is_grad_enabled():
+            return original(x, *args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        name = active[0]
+        lora_A, lora_B, dropout, scaling = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+
+        def branch(inp):
+            return lora_B(lora_A(dropout(self._cast_input_dtype(inp, lora_A.weight.dtype)))) * scaling
+
+        result = result + checkpoint(branch, x, use_reentrant=False)
+        return result.to(result_dtype)
 
     return forward
