@@ -190,7 +190,7 @@ def test_activate_again_with_another_config_wins(stub_prepare):
     from transformers import Trainer
 
     from hf_seqpar.integrations.activate import activate
-    from hf_seqpar.integrations.hooks import KEY_ATTR, ORIGINAL_ATTR
+    from hf_seqpar.integrations.patches import KEY_ATTR, ORIGINAL_ATTR
 
     original_init, original_prepare = Trainer.__init__, stub_prepare.prepare
     activate(hf_seqpar.SeqParConfig(sp_size=1, chunked_loss=True))

@@ -293,14 +293,14 @@ def test_unknown_key_in_the_section_is_named(assets):
 
 def test_sp_size_must_divide_the_world(tmp_path):
     from hf_seqpar.integrations.launch import launch
-    from hf_seqpar.integrations.trainer import _groups
+    from hf_seqpar.integrations.accelerator import groups_for
 
     config = _config_file(tmp_path, 2, sp_size=3)
     with pytest.raises(ValueError, match=r"sp_size=3 must divide world_size=2"):
         launch(["--config_file", str(config), str(TRAIN_SCRIPT)])
     # the same check where the groups are built, for launches that bypass hf-seqpar launch (torchrun -m hf_seqpar)
     with pytest.raises(ValueError, match=r"sp_size=2 must divide world_size=1 \(this process is not in a distrib"):
-        _groups(SeqParConfig(sp_size=2), {})
+        groups_for(SeqParConfig(sp_size=2), {})
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -340,7 +340,7 @@ def test_hooks_install_once_and_check_upstream(fresh_hooks):
     from transformers import Trainer
 
     from hf_seqpar.integrations.activate import activate
-    from hf_seqpar.integrations.hooks import KEY_ATTR, ORIGINAL_ATTR, check_params
+    from hf_seqpar.integrations.patches import KEY_ATTR, ORIGINAL_ATTR, check_params
 
     config = SeqParConfig(sp_size=2, mode="ring")
     original_init = Trainer.__init__

@@ -92,3 +92,46 @@ def test_imports_point_down(path):
     if layer not in MAY_IMPORT_HEAVY:
         heavy = sorted(m for m in imports if m.split(".")[0] in HEAVY)
         assert heavy == [], f"{module} imports {heavy}; only integrations/ may"
+
+
+def _integration_imports() -> dict[str, set[str]]:
+    """hf_seqpar.integrations.* -> the modules of hf_seqpar.integrations it imports (inside functions too)."""
+    graph = {}
+    for path, imports in _sources():
+        module = _module_name(path)
+        if module.startswith("hf_seqpar.integrations"):
+            graph[module] = {m for m in imports if m.startswith("hf_seqpar.integrations") and m != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` (a list that starts and ends with the same module), or None."""
+    done, stack = set(), []
+
+    def visit(node):
+        if node in stack:
+            return [*stack[stack.index(node) :], node]
+        if node in done:
+            return None
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            cycle = visit(nxt)
+            if cycle:
+                return cycle
+        stack.pop()
+        done.add(node)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_the_cycle_check_finds_a_function_level_circle():
+    source = "def f():\n    from .b import x\n"
+    graph = {"a": {m.rpartition(".")[2] for m in imported_modules(source, "p.a", False)}, "b": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "a"]
+
+
+def test_no_import_circles_in_integrations():
+    graph = _integration_imports()
+    assert "hf_seqpar.integrations.patches" in graph
+    assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"

@@ -117,7 +117,7 @@ def _body_tokens_seen(mode: str, with_mask: bool):
 
     from hf_seqpar import SeqParConfig, SequenceShardingCollator, init_groups
     from hf_seqpar.integrations.evaluation import EvalState
-    from hf_seqpar.integrations.logs import _track_tokens
+    from hf_seqpar.integrations.logs import plain_tokens
 
     config = SeqParConfig(sp_size=2, mode="ring")
     groups = init_groups(config)
@@ -138,8 +138,7 @@ def _body_tokens_seen(mode: str, with_mask: bool):
 
     plain, sp = trainer(), trainer()
     Trainer._track_num_input_tokens(plain, dict(base))  # upstream's own count on the plain batch
-    sp._track_num_input_tokens = None
-    _track_tokens(sp, EvalState(config=config, groups=groups))(collator([]))
+    plain_tokens(sp, EvalState(config=config, groups=groups), None)(collator([]))
     return plain.state.num_input_tokens_seen, sp.state.num_input_tokens_seen
 
 

@@ -29,21 +29,33 @@ import torch
 import torch.distributed as dist
 
 from ..config import SeqParConfig
-from ..mesh import SeqParGroups
+from ..mesh import SeqParGroups, init_groups
 from .collator import IGNORE_INDEX, SequenceShardingCollator
-from .hooks import check_params, install, uninstall
+from .evaluation import dp_gather_for_metrics, startup_line
 from .loaders import find_seqpar_collator, install_data_loader_hook
 from .memory import apply_memory_savings
+from .patches import install, installed, patch_instance, trainer_owned, uninstall, world_size
 from .transformers import DOCS_KEY, STATE_ATTR, apply_sequence_parallel
 
-TRAINER_OWNED_ATTR = "_hf_seqpar_trainer_owned"  # on an Accelerator a Trainer built (trainer.attach marks it)
 LOOP_ATTR = "_hf_seqpar_loop"  # on a model switched for a training loop: its LoopState
 GROUPS_ATTR = "__hf_seqpar_groups__"  # on the prepare wrapper: its groups cache (released at exit)
 
 
-def mark_trainer_accelerator(accelerator) -> None:
-    """The Trainer switches this accelerator's model and loaders itself: the prepare hook must not."""
-    accelerator.__dict__[TRAINER_OWNED_ATTR] = True
+def groups_for(config: SeqParConfig, cache: dict) -> SeqParGroups:
+    """The groups of this process's current world, built once (init_groups is collective and creates groups).
+
+    The cache also keeps the world group referenced until `release_process_groups()`, so that DDP's reducer never
+    drops a group's last reference: it would destroy gloo's group with the GIL held, which deadlocks when a gloo
+    worker thread is still releasing tensors of a finished collective (pytorch/pytorch#56297)."""
+    world = world_size()
+    if world % config.sp_size != 0:
+        hint = (
+            " (this process is not in a distributed launch: use hf-seqpar launch, or torchrun)" if world == 1 else ""
+        )
+        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world}{hint}")
+    if cache.get("world") is not dist.group.WORLD:
+        cache.update(world=dist.group.WORLD, groups=init_groups(config))
+    return cache["groups"]
 
 
 @dataclasses.dataclass
@@ -83,8 +95,6 @@ def _pre_hook(state: LoopState):
         if not state.announced:
             state.announced = True
             if dist.get_rank() == 0:
-                from .evaluation import startup_line
-
                 print(startup_line(state.config, state.groups, kwargs["input_ids"]), flush=True)
         if kwargs.get("num_items_in_batch") is not None:
             return None  # the script's own normalisation: local_sum / N, as API.md says
@@ -177,15 +187,13 @@ def switch_for_loop(objects: tuple, config: SeqParConfig, groups: SeqParGroups |
 def _switching_prepare(config: SeqParConfig, cache: dict):
     def make_wrapper(prepare):
         def prepare_sp(self, *args, **kwargs):
-            if not self.__dict__.get(TRAINER_OWNED_ATTR):
+            if not trainer_owned(self):
                 groups = None
                 if config.sp_size > 1:
-                    from .evaluation import dp_gather_for_metrics
-                    from .trainer import _groups
-
-                    groups = _groups(config, cache)
+                    groups = groups_for(config, cache)
                     if "gather_for_metrics" not in self.__dict__:  # eval values: each SP group's rows once
-                        self.gather_for_metrics = dp_gather_for_metrics(self, groups)
+                        gather = dp_gather_for_metrics(self, groups)
+                        patch_instance(self, {"Accelerator.gather_for_metrics": [lambda _: gather]})
                 switch_for_loop(args, config, groups)
             return prepare(self, *args, **kwargs)
 
@@ -198,26 +206,18 @@ def _switching_prepare(config: SeqParConfig, cache: dict):
 def install_accelerator_hook(config: SeqParConfig) -> None:
     """Wrap `accelerate.Accelerator.prepare` so that every accelerator not owned by a Trainer switches what it
     prepares (see the module docstring). Another config replaces the wrap."""
-    from accelerate import Accelerator
-
-    check_params(Accelerator.prepare, ("args",), "accelerate.Accelerator.prepare")
     if config.sp_size > 1:
         install_data_loader_hook()
-    install(Accelerator, "prepare", _switching_prepare(config, {}), key=("accelerator", config))
+    install("Accelerator.prepare", _switching_prepare(config, {}), key=("accelerator", config))
 
 
 def uninstall_accelerator_hook() -> None:
-    import sys
-
-    accelerator = sys.modules.get("accelerate.accelerator")
-    if accelerator is not None:
-        uninstall(accelerator.Accelerator, "prepare")
+    uninstall("Accelerator.prepare")
 
 
 def release_process_groups() -> None:
-    """Drop the groups the prepare hook keeps (see trainer._groups), after `destroy_process_group()`."""
+    """Drop the groups the prepare hook keeps (see `groups_for`), after `destroy_process_group()`."""
     import sys
 
-    accelerator = sys.modules.get("accelerate.accelerator")
-    prepare = getattr(getattr(accelerator, "Accelerator", None), "prepare", None)
-    getattr(prepare, GROUPS_ATTR, {}).clear()
+    if "accelerate.accelerator" in sys.modules:
+        getattr(installed("Accelerator.prepare"), GROUPS_ATTR, {}).clear()

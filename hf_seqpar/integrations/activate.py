@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from ..config import SeqParConfig
 from .accelerator import install_accelerator_hook, uninstall_accelerator_hook
-from .hooks import uninstall
 from .loaders import install_data_loader_hook
-from .memory import install_memory_savings_hook
+from .patches import uninstall
 from .trainer import install_trainer_hook
 
 
@@ -19,14 +18,10 @@ def activate(config: SeqParConfig) -> None:
     config; a second call with another config replaces the first's hooks (the new config wins for what is built
     from then on), and a config with nothing to do removes them."""
     if config.sp_size == 1 and not config.memory_savings:
-        from transformers import Trainer
-
-        uninstall(Trainer, "__init__")
+        uninstall("Trainer.__init__")
         uninstall_accelerator_hook()
         return
     install_accelerator_hook(config)
-    if config.sp_size == 1:
-        install_memory_savings_hook(config)
-        return
-    install_data_loader_hook()
-    install_trainer_hook(config)
+    if config.sp_size > 1:
+        install_data_loader_hook()
+    install_trainer_hook(config)  # with sp_size=1: the memory savings only

@@ -28,8 +28,8 @@ from ..algorithms import gather_sequence, shard_sequence
 from ..config import SeqParConfig
 from ..mesh import SeqParGroups
 from .collator import IGNORE_INDEX, UNSHARDED_KEY, UnshardedRows
-from .hooks import world_size
 from .loss import token_weighted_mean
+from .patches import set_attr, world_size
 from .transformers import DOCS_KEY
 
 PROBE_POSITIONS = 32  # positions the per-token check of preprocess_logits_for_metrics re-runs on
@@ -75,8 +75,9 @@ def sp_group_eval_loss(
     return token_weighted_mean(local_sum, n_local, group=groups.sp_group)
 
 
-def exact_compute_loss(trainer, state: EvalState):
-    compute_loss = trainer.compute_loss  # bound: a subclass's override (SFTTrainer) included
+def exact_compute_loss(trainer, state: EvalState, compute_loss):
+    """`compute_loss` (bound: a subclass's override, SFTTrainer's, included) on sharded batches; eval losses as the
+    plain run reports them."""
     signature = inspect.signature(compute_loss)
     announced = []
 
@@ -187,9 +188,7 @@ def _preprocessed(trainer, state: EvalState, logits, labels, rows: UnshardedRows
     return preprocess(logits, labels)
 
 
-def exact_prediction_step(trainer, state: EvalState):
-    prediction_step = trainer.prediction_step  # bound: a subclass's override (SFTTrainer) included
-
+def exact_prediction_step(trainer, state: EvalState, prediction_step):
     def prediction_step_sp(model, inputs, prediction_loss_only, ignore_keys=None):
         sharded = dict(inputs)
         rows: UnshardedRows | None = sharded.pop(UNSHARDED_KEY, None)
@@ -269,18 +268,19 @@ def dp_gather_for_metrics(accelerator, groups: SeqParGroups):
     return gather_for_metrics_dp
 
 
-def exact_evaluation_loop(trainer, state: EvalState):
-    evaluation_loop = trainer.evaluation_loop  # bound
-
+def exact_evaluation_loop(trainer, state: EvalState, evaluation_loop):
     def evaluation_loop_sp(*args, **kwargs):
         gather = dp_gather_for_metrics(trainer.accelerator, state.groups)
-        trainer.gather_function = functools.partial(gather, use_gather_object=trainer.args.eval_use_gather_object)
+        gather = functools.partial(gather, use_gather_object=trainer.args.eval_use_gather_object)
+        set_attr(trainer, "Trainer.gather_function", gather)
         # prediction_step applies it (on the shard when it acts per token); the loop must not apply it again
-        state.preprocess, trainer.preprocess_logits_for_metrics = trainer.preprocess_logits_for_metrics, None
+        state.preprocess = trainer.preprocess_logits_for_metrics
+        set_attr(trainer, "Trainer.preprocess_logits_for_metrics", None)
         try:
             output = evaluation_loop(*args, **kwargs)
         finally:
-            trainer.preprocess_logits_for_metrics, state.preprocess = state.preprocess, None
+            set_attr(trainer, "Trainer.preprocess_logits_for_metrics", state.preprocess)
+            state.preprocess = None
         state.num_samples = output.num_samples
         return output
 

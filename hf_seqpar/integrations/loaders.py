@@ -10,10 +10,9 @@ import importlib
 import inspect
 
 from .collator import SequenceShardingCollator, collator_chain
-from .hooks import ORIGINAL_ATTR, check_params, install, versions
+from .patches import ORIGINAL_ATTR, PATCHES, install, versions
 
-PREPARE_BINDINGS = ("accelerate.data_loader", "accelerate.accelerator", "accelerate")
-PREPARE_PARAMS = ("dataloader", "num_processes", "process_index", "dispatch_batches", "torch_device_mesh")
+ROW = "prepare_data_loader"  # PATCHES: accelerate.data_loader's function, and the modules that import it
 
 
 def find_seqpar_collator(collate_fn) -> SequenceShardingCollator | None:
@@ -47,13 +46,12 @@ def install_data_loader_hook() -> None:
     from accelerate import data_loader
 
     original = getattr(data_loader.prepare_data_loader, ORIGINAL_ATTR, data_loader.prepare_data_loader)
-    check_params(original, PREPARE_PARAMS, "accelerate.data_loader.prepare_data_loader")
     bound_somewhere = False
-    for module_name in PREPARE_BINDINGS:
+    for module_name in (PATCHES[ROW].owner, *PATCHES[ROW].owners):
         module = importlib.import_module(module_name)
         current = getattr(module, "prepare_data_loader", None)
         if current is original or getattr(current, ORIGINAL_ATTR, None) is original:
-            install(module, "prepare_data_loader", _dp_sharded)
+            install(ROW, _dp_sharded, owner=module)
             bound_somewhere |= module_name == "accelerate.accelerator"
     if not bound_somewhere:
         raise RuntimeError(

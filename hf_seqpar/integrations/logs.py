@@ -10,6 +10,7 @@ nothing: they already equal the plain run's.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from ..algorithms import shard_sequence
 from .collator import UNSHARDED_KEY, UnshardedRows
 from .evaluation import EvalState
+from .patches import read, set_attr
 
 
 def _sum_over_dp(count: int, state: EvalState, device) -> int:
@@ -44,23 +46,21 @@ def _plain_input_tokens(trainer, state: EvalState, inputs: dict, rows: Unsharded
     return rows.seq_len * inputs[main_input].shape[0]
 
 
-def _track_tokens(trainer, state: EvalState):
-    track = trainer._track_num_input_tokens
+def plain_tokens(trainer, state: EvalState, track):
+    """`Trainer._track_num_input_tokens` counting the plain batch of this data-parallel rank."""
 
     def track_num_input_tokens_sp(inputs):
         rows = inputs.get(UNSHARDED_KEY)
         main_input = getattr(trainer.model, "main_input_name", "input_ids")
         if trainer.args.include_num_input_tokens_seen == "no" or rows is None or main_input not in inputs:
             return track(inputs)
-        count = _plain_input_tokens(trainer, state, inputs, rows, main_input)
-        trainer.state.num_input_tokens_seen += _sum_over_dp(count, state, trainer.args.device)
+        count = _sum_over_dp(_plain_input_tokens(trainer, state, inputs, rows, main_input), state, trainer.args.device)
+        set_attr(trainer.state, "TrainerState.num_input_tokens_seen", trainer.state.num_input_tokens_seen + count)
 
     return track_num_input_tokens_sp
 
 
-def _flops(trainer, state: EvalState):
-    floating_point_ops = trainer.floating_point_ops
-
+def plain_flops(trainer, state: EvalState, floating_point_ops):
     def floating_point_ops_sp(inputs):
         rows = inputs.get(UNSHARDED_KEY)
         flops = floating_point_ops(inputs)
@@ -87,42 +87,82 @@ def _plain_eval_steps(trainer, state: EvalState, metrics: dict) -> None:
             metrics[key] = round(metrics[key] * ratio, 3)
 
 
-def _trl_num_tokens(trainer, state: EvalState):
+def trl_num_tokens(trainer, state: EvalState, compute_loss):
     """TRL's SFTTrainer adds `attention_mask.sum()` (or, padding-free, `position_ids.size(1)`) gathered over the
     world to its num_tokens inside compute_loss; replace the sharded batch's count with the plain batch's. (Its
     counter appears after Trainer.__init__, where the switch happens: looked up at each call.)"""
-    compute_loss = trainer.compute_loss
 
     def compute_loss_counting_plain_tokens(model, inputs, *args, **kwargs):
         rows = inputs.get(UNSHARDED_KEY)
-        before = getattr(trainer, "_total_train_tokens", None)
+        before = read(trainer, "SFTTrainer._total_train_tokens", None)
         result = compute_loss(model, inputs, *args, **kwargs)
-        if before is not None and hasattr(trainer, "_metrics") and trainer.model.training and rows is not None:
+        metrics = read(trainer, "SFTTrainer._metrics", None)
+        if before is not None and metrics is not None and trainer.model.training and rows is not None:
             count = rows.seq_len if rows.attention_mask_sum is None else rows.attention_mask_sum
-            tokens = _sum_over_dp(count, state, trainer.args.device) // getattr(trainer, "_tp_size", 1)
-            trainer._total_train_tokens = before + tokens
-            trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+            tokens = _sum_over_dp(count, state, trainer.args.device) // read(trainer, "SFTTrainer._tp_size", 1)
+            set_attr(trainer, "SFTTrainer._total_train_tokens", before + tokens)
+            metrics["train"]["num_tokens"] = [before + tokens]
         return result
 
     return compute_loss_counting_plain_tokens
 
 
-def honest_logs(trainer, state: EvalState) -> None:
-    """Make this Trainer's logged counts and rates those of the plain run (see the module docstring)."""
-    total_batch_size = trainer.get_total_train_batch_size
-    trainer.get_total_train_batch_size = lambda args: total_batch_size(args) // state.groups.sp_size
-    trainer._track_num_input_tokens = _track_tokens(trainer, state)
-    trainer.floating_point_ops = _flops(trainer, state)
-    log, predict = trainer.log, trainer.predict
-
+def plain_eval_steps(trainer, state: EvalState, log):
     def log_sp(logs, *args, **kwargs):
         _plain_eval_steps(trainer, state, logs)
         return log(logs, *args, **kwargs)
 
+    return log_sp
+
+
+def plain_predict_steps(trainer, state: EvalState, predict):
     def predict_sp(*args, **kwargs):
         output = predict(*args, **kwargs)
         _plain_eval_steps(trainer, state, output.metrics)
         return output
 
-    trainer.log, trainer.predict = log_sp, predict_sp
-    trainer.compute_loss = _trl_num_tokens(trainer, state)
+    return predict_sp
+
+
+def per_sp_group(groups, total_batch_size):
+    """The total train batch size of the data-parallel world: the Trainer counts every rank."""
+    return lambda args: total_batch_size(args) // groups.sp_size
+
+
+def tokens_once(trainer, groups, track):
+    """Whole rows on every SP rank: the world's sum holds sp_size equal counts per data-parallel rank."""
+
+    def track_once(inputs):
+        before = trainer.state.num_input_tokens_seen
+        track(inputs)
+        added = (trainer.state.num_input_tokens_seen - before) // groups.sp_size
+        set_attr(trainer.state, "TrainerState.num_input_tokens_seen", before + added)
+
+    return track_once
+
+
+def counted_once(groups, floating_point_ops):
+    return lambda inputs: floating_point_ops(inputs) if groups.sp_rank == 0 else 0.0
+
+
+def log_chains(trainer, state: EvalState) -> dict:
+    """The Trainer methods that sharded batches make count wrongly, each with its wrapper (see the module
+    docstring); trainer.attach composes them with evaluation's and applies them once."""
+    return {
+        "Trainer.get_total_train_batch_size": [functools.partial(per_sp_group, state.groups)],
+        "Trainer._track_num_input_tokens": [functools.partial(plain_tokens, trainer, state)],
+        "Trainer.floating_point_ops": [functools.partial(plain_flops, trainer, state)],
+        "Trainer.log": [functools.partial(plain_eval_steps, trainer, state)],
+        "Trainer.predict": [functools.partial(plain_predict_steps, trainer, state)],
+    }
+
+
+def whole_rows_log_chains(trainer, groups) -> dict:
+    """The counts the Trainer sums over the world (total batch size, num_input_tokens_seen, total_flos) as the
+    plain run has them when every rank of an SP group holds the same whole rows (TRL's DPO / KTO path). Timing
+    rates such as eval steps per second are left as the Trainer computes them."""
+    return {
+        "Trainer.get_total_train_batch_size": [functools.partial(per_sp_group, groups)],
+        "Trainer._track_num_input_tokens": [functools.partial(tokens_once, trainer, groups)],
+        "Trainer.floating_point_ops": [functools.partial(counted_once, groups)],
+    }

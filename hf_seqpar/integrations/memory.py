@@ -166,27 +166,6 @@ def apply_memory_savings(
     return model
 
 
-def install_memory_savings_hook(config: SeqParConfig) -> None:
-    """sp_size=1: wrap `transformers.Trainer.__init__` so that every Trainer's model gets the savings of `config`
-    (with sp_size > 1, `trainer.attach` applies them along with sequence parallelism). Idempotent."""
-    from transformers import Trainer
-
-    from .accelerator import mark_trainer_accelerator
-    from .hooks import check_params, install
-
-    check_params(Trainer.__init__, ("model",), "transformers.Trainer.__init__")
-
-    def make_wrapper(init):
-        def __init__(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            mark_trainer_accelerator(self.accelerator)  # the Accelerator.prepare hook leaves this Trainer's model be
-            apply_memory_savings(self.model, config)
-
-        return __init__
-
-    install(Trainer, "__init__", make_wrapper, key=("memory", config))  # another activation replaces it
-
-
 # ---- chunked loss ------------------------------------------------------------------------------------------------
 
 

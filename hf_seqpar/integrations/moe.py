@@ -11,15 +11,19 @@ that computes something else is refused rather than reduced wrongly.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 
 import torch
 import torch.distributed as dist
 
-from .hooks import install
-from .transformers import SHARDED_FORWARD
+from .patches import install
 
 LOSS_FN = "load_balancing_loss_func"
+# The sharded forward in progress on this thread (innermost): (its SeqParState, real-token mask). Set by the forward
+# hooks of integrations/transformers.py; read by the router loss, which upstream computes in a module-level function
+# that sees neither the model nor the batch.
+SHARDED_FORWARD: contextvars.ContextVar = contextvars.ContextVar("hf_seqpar_sharded_forward", default=None)
 EXACT_ATTR = "__hf_seqpar_exact__"
 
 
@@ -95,7 +99,7 @@ def install_router_loss(model: torch.nn.Module, groups) -> None:
     module = sys.modules[type(model).__module__]
     if not callable(getattr(module, LOSS_FN, None)):
         return
-    install(module, LOSS_FN, _sharded_router_loss)
+    install(LOSS_FN, _sharded_router_loss, owner=module)  # PATCHES["load_balancing_loss_func"]
     text_config = model.config.get_text_config()
     if getattr(text_config, "output_router_logits", False) and not getattr(getattr(module, LOSS_FN), EXACT_ATTR):
         raise NotImplementedError(

@@ -23,8 +23,8 @@ from ..config import SeqParConfig
 from ..mesh import SeqParGroups, init_groups
 from .accelerator import switch_for_loop
 from .collator import IGNORE_INDEX
-from .hooks import world_size
 from .loaders import install_data_loader_hook
+from .patches import world_size
 
 
 class SequenceParallelPlugin:

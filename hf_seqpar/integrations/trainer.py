@@ -9,39 +9,38 @@ makes each rank's loss `local_sum / N * world_size`; DDP / FSDP / ZeRO average g
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
-import torch.distributed as dist
-
 from ..config import SeqParConfig
-from ..mesh import SeqParGroups, init_groups
-from .accelerator import mark_trainer_accelerator
+from ..mesh import SeqParGroups
+from .accelerator import groups_for
 from .collator import SequenceShardingCollator
 from .evaluation import EvalState, exact_compute_loss, exact_evaluation_loop, exact_prediction_step
-from .hooks import check_params, install, versions, world_size
-from .logs import honest_logs
+from .logs import log_chains, trl_num_tokens, whole_rows_log_chains
 from .memory import apply_memory_savings
-from .transformers import apply_sequence_parallel
-from .trl import adapt_trl_trainer
+from .patches import (
+    PATCHES,
+    check_rows,
+    install,
+    installed,
+    mark_trainer_accelerator,
+    patch_instance,
+    set_attr,
+    versions,
+)
+from .transformers import STATE_ATTR, apply_sequence_parallel
+from .trl import WHOLE_SEQUENCES, check_trl_trainer, check_whole_sequence_trainer, whole_sequence_chains
 
 logger = logging.getLogger(__name__)
 
 CONFIG_ATTR = "__hf_seqpar_config__"
 GROUPS_ATTR = "__hf_seqpar_groups__"
-TRAINER_INIT_PARAMS = ("model", "args", "data_collator")
-COMPUTE_LOSS_PARAMS = ("model", "inputs", "return_outputs", "num_items_in_batch")
-# The Trainer methods attach() wraps per instance (evaluation.py, logs.py), with the parameters the wraps rely on.
-TRAINER_METHODS = {
-    "prediction_step": ("model", "inputs", "prediction_loss_only", "ignore_keys"),
-    "evaluation_loop": ("dataloader",),
-    "predict": ("test_dataset",),
-    "log": ("logs",),
-    "call_model_init": (),
-    "get_total_train_batch_size": ("args",),
-    "floating_point_ops": ("inputs",),
-    "_track_num_input_tokens": ("inputs",),
-}
+# The Trainer methods attach() rebinds per instance: their rows in PATCHES (parameters checked at activation).
+TRAINER_METHODS = [
+    row for row in PATCHES.values() if row.kind == "instance" and row.owner == "transformers.trainer:Trainer"
+]
 ARGS_FIELDS = (
     "average_tokens_across_devices",
     "label_smoothing_factor",
@@ -49,23 +48,6 @@ ARGS_FIELDS = (
     "include_for_metrics",
     "include_num_input_tokens_seen",
 )
-
-
-def _groups(config: SeqParConfig, cache: dict) -> SeqParGroups:
-    """The groups of this process's current world, built once (init_groups is collective and creates groups).
-
-    The cache also keeps the world group referenced until `release_process_groups()`, so that DDP's reducer never
-    drops a group's last reference: it would destroy gloo's group with the GIL held, which deadlocks when a gloo
-    worker thread is still releasing tensors of a finished collective (pytorch/pytorch#56297)."""
-    world = world_size()
-    if world % config.sp_size != 0:
-        hint = (
-            " (this process is not in a distributed launch: use hf-seqpar launch, or torchrun)" if world == 1 else ""
-        )
-        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world}{hint}")
-    if cache.get("world") is not dist.group.WORLD:
-        cache.update(world=dist.group.WORLD, groups=init_groups(config))
-    return cache["groups"]
 
 
 def _pad_token_id(trainer) -> int:
@@ -76,20 +58,13 @@ def _pad_token_id(trainer) -> int:
     return text_config.pad_token_id if getattr(text_config, "pad_token_id", None) is not None else 0
 
 
-def _resolved_for(model, config: SeqParConfig) -> SeqParConfig:
-    text_config = model.config.get_text_config()
-    heads = text_config.num_attention_heads
-    return config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
-
-
-def _switch_model_init(trainer, config: SeqParConfig, groups: SeqParGroups) -> None:
+def _switch_model_init(config: SeqParConfig, groups: SeqParGroups, call_model_init):
     """`train()` re-creates the model with `model_init` (a hyperparameter search, once per trial): switch each."""
-    call_model_init = trainer.call_model_init
 
     def call_model_init_sp(*args, **kwargs):
         return apply_sequence_parallel(call_model_init(*args, **kwargs), config=config, groups=groups)
 
-    trainer.call_model_init = call_model_init_sp
+    return call_model_init_sp
 
 
 def _refuse_what_cannot_be_exact(trainer) -> None:
@@ -119,36 +94,62 @@ def _refuse_what_cannot_be_exact(trainer) -> None:
         )
 
 
+def _base(model):
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
 def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
-    """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`)."""
+    """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`; with
+    sp_size=1, only to the memory savings the config asks for)."""
+    # DPO / KTO take the whole-sequence path; the TRL trainers that cannot be exact are refused (by class) first
+    whole_sequences = config.sp_size > 1 and check_trl_trainer(trainer) == WHOLE_SEQUENCES
     mark_trainer_accelerator(trainer.accelerator)  # its prepare() calls see models and loaders switched here
     apply_memory_savings(trainer.model, config)  # chunked loss, tiled MLP, offload: what the config asks for, any path
-    if adapt_trl_trainer(trainer, config, _groups(config, groups_cache)):  # DPO / KTO: whole-sequence path
+    if config.sp_size == 1:
         return
-    _refuse_what_cannot_be_exact(trainer)
-    args = trainer.args
-    if not args.average_tokens_across_devices:
-        logger.warning("hf_seqpar: setting average_tokens_across_devices=True (exact loss needs the world's count)")
-        args.average_tokens_across_devices = True
-    groups = _groups(config, groups_cache)
-    config = _resolved_for(trainer.model, config)  # once: the model, collator, metrics and logs share it
-    apply_sequence_parallel(trainer.model, config=config, groups=groups)
-    _switch_model_init(trainer, config, groups)
-    if isinstance(trainer.data_collator, SequenceShardingCollator):
-        trainer.data_collator.keep_unsharded = True
+    groups = groups_for(config, groups_cache)
+    if whole_sequences:
+        check_whole_sequence_trainer(trainer)
     else:
-        trainer.data_collator = SequenceShardingCollator(
+        _refuse_what_cannot_be_exact(trainer)
+        if not trainer.args.average_tokens_across_devices:
+            logger.warning(
+                "hf_seqpar: setting average_tokens_across_devices=True (exact loss needs the world's count)"
+            )
+            set_attr(trainer.args, "TrainingArguments.average_tokens_across_devices", True)
+    apply_sequence_parallel(trainer.model, config=config, groups=groups)
+    # resolved once, by apply: the model, collator, metrics and logs share it
+    config = getattr(_base(trainer.model), STATE_ATTR).config
+    if whole_sequences:
+        patch_instance(
+            trainer, {**whole_sequence_chains(trainer, config, groups), **whole_rows_log_chains(trainer, groups)}
+        )
+        return
+    collator = trainer.data_collator
+    if isinstance(collator, SequenceShardingCollator):
+        collator.keep_unsharded = True
+    else:
+        collator = SequenceShardingCollator(
             trainer.data_collator,
             config=config,
             groups=groups,
             pad_token_id=_pad_token_id(trainer),
             keep_unsharded=True,  # the record of the plain batch that eval metrics and token counts need
         )
+        set_attr(trainer, "Trainer.data_collator", collator)
     state = EvalState(config=config, groups=groups)
-    trainer.compute_loss = exact_compute_loss(trainer, state)
-    trainer.prediction_step = exact_prediction_step(trainer, state)
-    trainer.evaluation_loop = exact_evaluation_loop(trainer, state)
-    honest_logs(trainer, state)
+    chains = {
+        # the exact loss first; TRL's SFTTrainer token count then reads the plain batch's record around it
+        "Trainer.compute_loss": [
+            functools.partial(exact_compute_loss, trainer, state),
+            functools.partial(trl_num_tokens, trainer, state),
+        ],
+        "Trainer.prediction_step": [functools.partial(exact_prediction_step, trainer, state)],
+        "Trainer.evaluation_loop": [functools.partial(exact_evaluation_loop, trainer, state)],
+        "Trainer.call_model_init": [functools.partial(_switch_model_init, config, groups)],
+        **log_chains(trainer, state),
+    }
+    patch_instance(trainer, chains)
 
 
 def _attaching_init(config: SeqParConfig):
@@ -167,31 +168,28 @@ def _attaching_init(config: SeqParConfig):
 
 
 def release_process_groups() -> None:
-    """Drop the process groups the Trainer hook keeps (see `_groups`). Call after `destroy_process_group()` and
-    after the models are gone, while the interpreter is fully alive; `python -m hf_seqpar` does."""
-    trainer_module = sys.modules.get("transformers.trainer")
-    init = getattr(getattr(trainer_module, "Trainer", None), "__init__", None)
-    getattr(init, GROUPS_ATTR, {}).clear()
+    """Drop the process groups the Trainer hook keeps (see `accelerator.groups_for`). Call after
+    `destroy_process_group()` and after the models are gone, while the interpreter is fully alive; `python -m
+    hf_seqpar` does."""
+    if "transformers.trainer" in sys.modules:
+        getattr(installed("Trainer.__init__"), GROUPS_ATTR, {}).clear()
 
 
 def install_trainer_hook(config: SeqParConfig) -> None:
-    """Wrap `transformers.Trainer.__init__` so every Trainer (SFTTrainer too) is switched after its stock init."""
-    from accelerate import Accelerator
+    """Wrap `transformers.Trainer.__init__` so every Trainer (SFTTrainer too) is switched after its stock init (with
+    sp_size=1: gets the memory savings of `config`)."""
     from accelerate.state import GradientState
     from transformers import Trainer, TrainingArguments
 
-    check_params(Trainer.__init__, TRAINER_INIT_PARAMS, "transformers.Trainer.__init__")
-    check_params(Trainer.compute_loss, COMPUTE_LOSS_PARAMS, "transformers.Trainer.compute_loss")
     missing = [name for name in ARGS_FIELDS if name not in TrainingArguments.__dataclass_fields__]
     missing += [name for name in ("end_of_dataloader", "remainder") if not hasattr(GradientState, name)]
-    missing += [name for name in TRAINER_METHODS if not hasattr(Trainer, name)]
+    missing += [row.attr for row in TRAINER_METHODS if not hasattr(Trainer, row.attr)]
     if missing:
         raise RuntimeError(
             f"hf_seqpar needs TrainingArguments / Accelerator / Trainer attributes {missing}, gone in {versions()}"
         )
-    check_params(Accelerator.gather_for_metrics, ("input_data", "use_gather_object"), "Accelerator.gather_for_metrics")
-    for name, params in TRAINER_METHODS.items():
-        check_params(getattr(Trainer, name), params, f"transformers.Trainer.{name}")
-    # A second activation with another config replaces this hook (or the sp_size=1 memory hook): the new one wins
-    # for every Trainer built from then on.
-    install(Trainer, "__init__", _attaching_init(config), key=("trainer", config))
+    check_rows("transformers.trainer:")  # every Trainer method attach() rebinds, with the parameters it relies on
+    check_rows("accelerate.")
+    # A second activation with another config replaces this hook (the sp_size=1 one too): the new one wins for every
+    # Trainer built from then on.
+    install("Trainer.__init__", _attaching_init(config), key=("memory" if config.sp_size == 1 else "trainer", config))

@@ -11,7 +11,6 @@ with the model's original attention: forward hooks on the model switch it back f
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
@@ -26,6 +25,10 @@ from ..algorithms import sequence_parallel_attention
 from ..config import SeqParConfig
 from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
+from .memory import STATE_ATTR as MEMORY_ATTR
+from .memory import apply_memory_savings
+from .moe import SHARDED_FORWARD, install_router_loss
+from .patches import PATCHES, read, set_attr
 from .rng import ShardedRng
 
 logger = logging.getLogger("hf_seqpar")
@@ -52,12 +55,9 @@ _INERT_KWARGS = {
 }
 # Describe the full, unsharded sequence to other attention paths; on a shard they would mislead.
 _UNSHARDED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+_IMPL = "PretrainedConfig._attn_implementation_internal"  # the private field switched per forward (PATCHES)
 _ABSENT = object()  # sliding_window not passed at all (the model's mask alone would apply the config's window)
 HONOURED_KWARGS = ("scaling", "is_causal", "sliding_window", "softcap", "s_aux", "dropout (must be 0)")
-
-# The sharded forward in progress on this thread (innermost): (state, real-token mask). Read by the MoE router
-# loss, which upstream computes in a module-level function that sees neither the model nor the batch.
-SHARDED_FORWARD: contextvars.ContextVar = contextvars.ContextVar("hf_seqpar_sharded_forward", default=None)
 
 
 @dataclass
@@ -104,16 +104,16 @@ class SeqParState:
         sharded = kwargs.get(DOCS_KEY) is not None
         self.rng.enter(sharded and training)
         self.current_docs = kwargs.get(DOCS_KEY)
-        self._stack.append(([c._attn_implementation_internal for c, _ in self.originals], SHARDED_FORWARD.get()))
+        self._stack.append(([read(c, _IMPL) for c, _ in self.originals], SHARDED_FORWARD.get()))
         for cfg, original in self.originals:
-            cfg._attn_implementation_internal = self.impl if sharded else original
+            set_attr(cfg, _IMPL, self.impl if sharded else original)
         SHARDED_FORWARD.set((self, kwargs.get(REAL_TOKENS_KEY)) if sharded else None)
 
     def leave(self) -> None:
         self.rng.leave()
         impls, current = self._stack.pop()
         for (cfg, _), impl in zip(self.originals, impls, strict=True):
-            cfg._attn_implementation_internal = impl
+            set_attr(cfg, _IMPL, impl)
         SHARDED_FORWARD.set(current)
 
 
@@ -303,7 +303,7 @@ def _check_supported(model: PreTrainedModel, config: SeqParConfig) -> tuple[list
             f"hf_seqpar: {name} numbers positions from padding_idx + 1 and counts them from input_ids (RoBERTa-style "
             "embeddings), not from the 0-based position_ids that sequence sharding needs; this family is not supported"
         )
-    if not model._can_set_attn_implementation():
+    if not read(model, "PreTrainedModel._can_set_attn_implementation")():
         raise NotImplementedError(
             f"hf_seqpar: {name} does not route attention through transformers' AttentionInterface, so its "
             "attention cannot be replaced; use a model family that does (Llama, Mistral, Qwen, Gemma, Phi3, OLMo, ...)"
@@ -358,7 +358,7 @@ def _configs(model: torch.nn.Module) -> list:
     seen = {}
     for module in model.modules():
         cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+        if cfg is not None and hasattr(cfg, PATCHES[_IMPL].attr):
             seen.setdefault(id(cfg), cfg)
     return list(seen.values())
 
@@ -370,10 +370,6 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     model's original attention. `remove_sequence_parallel(model)` undoes the switch. The config's memory savings
     (chunked_loss, tiled_mlp, offload_checkpoints) are switched to exactly what it asks for, as by
     `apply_memory_savings(model, config)`: a second call with another config replaces the first's, savings too."""
-    from .memory import STATE_ATTR as MEMORY_ATTR
-    from .memory import apply_memory_savings
-    from .moe import install_router_loss  # imports the model's modeling module only
-
     base = _base_model(model)
     modules, resolved = _check_supported(base, config)  # head constraints fail here, before any step
     savings = getattr(base, MEMORY_ATTR, None)  # the same savings already on (custom chunk sizes too) stay as they are
@@ -383,11 +379,11 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     impl = f"hf_seqpar_{config.mode}"
     AttentionInterface.register(impl, seqpar_attention_forward)
     # A model loaded with our name already (TRL builds reference models from the policy's config) falls back to SDPA.
-    before = {id(c): _not_ours(c._attn_implementation_internal) for c in _configs(base)}
+    before = {id(c): _not_ours(read(c, _IMPL)) for c in _configs(base)}
     base.set_attn_implementation(impl)
-    if _text_config(base.config)._attn_implementation != impl:
+    if read(_text_config(base.config), "PretrainedConfig._attn_implementation") != impl:
         raise NotImplementedError(f"hf_seqpar: {type(base).__name__} refused attn_implementation={impl!r}")
-    originals = [(c, before[id(c)]) for c in _configs(base) if c._attn_implementation_internal == impl]
+    originals = [(c, before[id(c)]) for c in _configs(base) if read(c, _IMPL) == impl]
     state = SeqParState(config=resolved, groups=groups, impl=impl, originals=originals)
     install_router_loss(base, groups)
     for module in modules:
@@ -415,5 +411,5 @@ def remove_sequence_parallel(model: torch.nn.Module):
     for module in base.modules():
         module.__dict__.pop(STATE_ATTR, None)
     for cfg, original in state.originals:
-        cfg._attn_implementation_internal = original
+        set_attr(cfg, _IMPL, original)
     return model

@@ -32,6 +32,7 @@ from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
 from .collator import IGNORE_INDEX, SequenceShardingCollator
 from .evaluation import dp_gather_for_metrics, startup_line
+from .patches import patch_instance, read, set_attr
 from .transformers import DOCS_KEY, apply_sequence_parallel
 
 GENERIC, WHOLE_SEQUENCES = "generic", "whole-sequences"
@@ -84,13 +85,10 @@ def check_trl_trainer(trainer) -> str | None:
     )
 
 
-def adapt_trl_trainer(trainer, config: SeqParConfig, groups: SeqParGroups) -> bool:
-    """Called first thing in `attach`: refuse the TRL trainers that cannot be exact, switch DPO / KTO to the
-    whole-sequence path (True: attach has nothing left to do); False for every other trainer (the generic path)."""
-    if check_trl_trainer(trainer) != WHOLE_SEQUENCES:
-        return False
+def check_whole_sequence_trainer(trainer) -> None:
+    """Refuse what a DPO / KTO trainer cannot do exactly on the whole-sequence path (before anything is switched)."""
     name = type(trainer).__name__
-    if getattr(trainer, "_is_vision_dataset", False):
+    if read(trainer, "DPOTrainer._is_vision_dataset", False):
         raise NotImplementedError(
             f"hf_seqpar: {name} with a vision dataset passes image features that cannot be split by sequence; "
             "train vision-language preference data without sequence parallelism"
@@ -105,47 +103,31 @@ def adapt_trl_trainer(trainer, config: SeqParConfig, groups: SeqParGroups) -> bo
             "hf_seqpar: train_sampling_strategy='batch_rebalance' deals batches by global rank, so the ranks of a "
             "sequence-parallel group would get different samples; use 'random' or 'sequential'"
         )
-    text_config = trainer.model.config.get_text_config()
-    heads = text_config.num_attention_heads
-    config = config.resolve(heads, getattr(text_config, "num_key_value_heads", None) or heads)
-    apply_sequence_parallel(trainer.model, config=config, groups=groups)
+
+
+def whole_sequence_chains(trainer, config: SeqParConfig, groups: SeqParGroups) -> dict:
+    """Switch a DPO / KTO trainer (its model already switched, `config` resolved for it) to the whole-sequence
+    path: its collator, its accelerator's metric gathers; returns the trainer methods to wrap, for trainer.attach
+    to compose with the log counts and apply once."""
     state = WholeSequenceState(config=config, groups=groups)
-    trainer.data_collator = WholeSequenceCollator(trainer.data_collator, config=config, groups=groups)
-    trainer.compute_loss = _wrapping_forwards_first(trainer.compute_loss, trainer, state)
-    if hasattr(trainer, "_precompute_ref_logps"):  # runs at the end of __init__, before any compute_loss
-        trainer._precompute_ref_logps = _wrapping_forwards_first(trainer._precompute_ref_logps, trainer, state)
+    set_attr(
+        trainer, "Trainer.data_collator", WholeSequenceCollator(trainer.data_collator, config=config, groups=groups)
+    )
     # Every rank of an SP group holds the same whole rows, so the trainer's metric gathers (token counts, entropy,
     # precomputed reference log-probs written back by row, eval losses) run over the data-parallel ranks only:
     # exactly the plain run's gathers. (Its plain `gather`s of per-row rewards repeat each row sp_size times, which
     # leaves their means unchanged.)
     gather_for_metrics = dp_gather_for_metrics(trainer.accelerator, groups)
-    trainer.accelerator.gather_for_metrics = gather_for_metrics
-    trainer.gather_function = functools.partial(
-        gather_for_metrics, use_gather_object=trainer.args.eval_use_gather_object
+    patch_instance(trainer.accelerator, {"Accelerator.gather_for_metrics": [lambda _: gather_for_metrics]})
+    use_gather_object = trainer.args.eval_use_gather_object
+    set_attr(
+        trainer, "Trainer.gather_function", functools.partial(gather_for_metrics, use_gather_object=use_gather_object)
     )
-    _count_rows_once(trainer, groups)
-    return True
-
-
-def _count_rows_once(trainer, groups: SeqParGroups) -> None:
-    """The counts the Trainer sums over the world (total batch size, num_input_tokens_seen, total_flos) as the
-    plain run has them: every rank of an SP group holds the same whole rows, so each would count them sp_size times.
-    (Timing rates such as eval steps per second are left as the Trainer computes them.)"""
-    sp = groups.sp_size
-    total_batch_size, track, flops = (
-        trainer.get_total_train_batch_size,
-        trainer._track_num_input_tokens,
-        trainer.floating_point_ops,
-    )
-
-    def track_once(inputs):
-        before = trainer.state.num_input_tokens_seen
-        track(inputs)  # adds the world's sum: sp_size equal counts per data-parallel rank
-        trainer.state.num_input_tokens_seen = before + (trainer.state.num_input_tokens_seen - before) // sp
-
-    trainer.get_total_train_batch_size = lambda args: total_batch_size(args) // sp
-    trainer._track_num_input_tokens = track_once
-    trainer.floating_point_ops = lambda inputs: flops(inputs) if groups.sp_rank == 0 else 0.0
+    first = functools.partial(_wrapping_forwards_first, trainer=trainer, state=state)
+    chains = {"Trainer.compute_loss": [first]}
+    if hasattr(trainer, "_precompute_ref_logps"):  # runs at the end of __init__, before any compute_loss
+        chains["DPOTrainer._precompute_ref_logps"] = [first]
+    return chains
 
 
 class WholeSequenceState:
@@ -302,7 +284,8 @@ def _wrap_fused_forwards(trainer, state: WholeSequenceState) -> None:
                 f"hf_seqpar: {type(lm).__name__} returns MoE router logits (output_router_logits=True); their "
                 "load-balancing loss is not exact over sequence shards. Set output_router_logits=False"
             )
-        lm.forward = sharded_fused_forward(forward, state, type(lm).__name__)
+        fused = functools.partial(sharded_fused_forward, state=state, model_name=type(lm).__name__)
+        patch_instance(lm, {"PreTrainedModel.forward (TRL fused head)": [fused]})
 
 
 def _wrapping_forwards_first(method, trainer, state: WholeSequenceState):

@@ -1,0 +1,200 @@
+"""Every row of integrations/patches.py's PATCHES still fits the installed transformers / accelerate / TRL / PEFT,
+and nothing else in hf_seqpar assigns to an upstream object (checked on the source with `ast`).
+
+When an upstream release renames a method, drops a parameter hf_seqpar relies on or removes a private attribute,
+this file fails naming the row, instead of a training run computing something else."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+from hf_seqpar.integrations import patches
+from hf_seqpar.integrations.patches import FIELD, INSTANCE, INSTANCE_ONLY, PATCHES, PRIVATE
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_seqpar"
+UPSTREAM = {"transformers", "accelerate", "trl", "peft", "datasets"}
+# Names hf_seqpar's integrations give to upstream instances (a Trainer, its Accelerator and TrainingArguments, a
+# model, its config, a module of it): assigning an attribute through them patches an upstream object.
+INSTANCE_NAMES = {"trainer", "accelerator", "args", "model", "base", "lm", "module", "cfg", "config", "text_config"}
+# Writes that stay where they are, each with its reason. memory.py's savings give modules an instance forward
+# through their own `_install` (and take it back): declared as a row, applied there until the memory-savings work
+# on that file lands (then through patches.patch_instance).
+ALLOWED = {
+    ("hf_seqpar.integrations.memory", "_install"): "row 'PreTrainedModel.forward (memory savings)'",
+    ("hf_seqpar.integrations.memory", "remove_memory_savings"): "row 'PreTrainedModel.forward (memory savings)'",
+    ("hf_seqpar.integrations.launch", "_as_multi_process_cpu"): "hf-seqpar launch's own parsed command line",
+    ("hf_seqpar.integrations.launch", "launch"): "hf-seqpar launch's own parsed command line",
+}
+SCRIPTS = (
+    "demo",
+)  # training scripts shipped with hf_seqpar: they configure their own models, as a user's script does
+
+
+def _factories(row) -> list[str]:
+    names = [n.strip() for part in row.factory.split(" / ") for n in part.split(" + ") if n.strip()]
+    return [n if n.startswith("hf_seqpar.") else f"hf_seqpar.integrations.{n}" for n in names]
+
+
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_every_row_fits_the_installed_versions(name):
+    row = PATCHES[name]
+    for path in (row.owner, *row.owners):
+        owner = patches.resolve(path)  # the owner imports
+        if row.kind == FIELD or name in INSTANCE_ONLY:
+            continue
+        assert hasattr(owner, row.attr), f"{path}.{row.attr} is gone ({patches.versions()})"
+        if row.params:
+            params = inspect.signature(getattr(owner, row.attr)).parameters
+            missing = [p for p in row.params if p not in params]
+            assert not missing, f"{path}.{row.attr} lost the parameters {missing} ({patches.versions()})"
+    patches.check_row(name)  # what install / activation checks: the same verdict
+    if row.kind == PRIVATE:
+        assert row.attr.startswith("_"), f"{name}: a PRIVATE row names a public attribute"
+    if row.kind != PRIVATE:
+        assert row.factory or row.kind == FIELD, f"{name}: no wrapper factory"
+    for factory in _factories(row):
+        module, _, qualname = factory.partition(":")
+        assert callable(getattr(importlib.import_module(module), qualname, None)), f"{name}: {factory} is gone"
+
+
+def test_instance_only_private_attributes_exist():
+    """Set in the owner's __init__, so they are checked on a built instance (a model config) or on what the
+    pinned __init__ stores (TRL trainers, which need datasets to build)."""
+    from transformers import LlamaConfig
+
+    assert hasattr(LlamaConfig(), PATCHES["PretrainedConfig._attn_implementation_internal"].attr)
+    for name in sorted(INSTANCE_ONLY - {"PretrainedConfig._attn_implementation_internal"}):
+        row = PATCHES[name]
+        stored = patches.resolve(row.owner).__init__.__code__.co_names
+        assert row.attr in stored, f"{row.owner}.__init__ no longer sets {row.attr}"
+
+
+def test_instance_rows_compose_once():
+    class Owner:
+        def log(self, logs):
+            return logs
+
+    owner = Owner()
+    patches.patch_instance(
+        owner, {"Trainer.log": [lambda f: lambda logs: f(logs) + ["a"], lambda f: lambda logs: f(logs) + ["b"]]}
+    )
+    assert owner.log([]) == ["a", "b"]
+    with pytest.raises(RuntimeError, match=r"^hf_seqpar: Owner.log is patched twice"):
+        patches.patch_instance(owner, {"Trainer.log": [lambda f: f]})
+    with pytest.raises(KeyError, match="no instance row"):
+        patches.patch_instance(owner, {"Trainer.loss": [lambda f: f]})
+
+
+def test_private_reads_fail_loudly():
+    with pytest.raises(RuntimeError, match=r"^hf_seqpar: object._attn_implementation_internal is gone"):
+        patches.read(object(), "PretrainedConfig._attn_implementation_internal")
+    assert patches.read(object(), "SFTTrainer._total_train_tokens", None) is None
+
+
+# ---- nothing outside patches.py assigns to an upstream object ------------------------------------------------
+
+
+def _upstream_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in UPSTREAM}
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in UPSTREAM:
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _root(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _ours(node: ast.AST) -> bool:
+    """An attribute name held in one of our *_ATTR constants: hf_seqpar's own marker, not an upstream attribute."""
+    return isinstance(node, ast.Name) and node.id.endswith("_ATTR")
+
+
+def upstream_writes(source: str) -> list[tuple[str, int, str]]:
+    """(function, line, what) for every setattr / delattr / attribute (or __dict__ item) assignment on an imported
+    upstream object or a name that holds an upstream instance (`self` too, in functions that are not methods of
+    our own classes)."""
+    tree = ast.parse(source)
+    upstream = _upstream_names(tree)
+    found = []
+
+    def scan(node, function: str, self_is_ours: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):  # its methods' self is ours; functions nested in them get upstream's
+                for item in child.body:
+                    if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                        scan(item, item.name, True)
+                continue
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                scan(child, getattr(child, "name", function) if function == "<module>" else function, False)
+                continue
+            roots = upstream | INSTANCE_NAMES | (set() if self_is_ours else {"self"})
+            targets = []
+            if isinstance(child, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Delete):
+                targets = child.targets if isinstance(child, ast.Assign | ast.Delete) else [child.target]
+            for target in targets:
+                if isinstance(target, ast.Attribute) and _root(target) in roots:
+                    found.append((function, child.lineno, ast.unparse(target)))
+                elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Attribute):
+                    if target.value.attr == "__dict__" and _root(target) in roots and not _ours(target.slice):
+                        found.append((function, child.lineno, ast.unparse(target)))
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Name):
+                if child.func.id in ("setattr", "delattr") and len(child.args) >= 2:
+                    if _root(child.args[0]) in roots and not _ours(child.args[1]):
+                        found.append((function, child.lineno, ast.unparse(child)))
+            scan(child, function, self_is_ours)
+
+    scan(tree, "<module>", False)
+    return found
+
+
+def test_the_scan_sees_upstream_writes():
+    source = (
+        "from transformers import Trainer\n"
+        "import accelerate.data_loader\n"
+        "STATE_ATTR = 'x'\n"
+        "def f(trainer, model, x):\n"
+        "    Trainer.log = None\n"
+        "    setattr(accelerate.data_loader, 'prepare_data_loader', None)\n"
+        "    trainer.compute_loss = None\n"
+        "    model.config._attn_implementation_internal = 'sdpa'\n"
+        "    trainer.accelerator.__dict__['gather_for_metrics'] = None\n"
+        "    setattr(model, STATE_ATTR, 1)\n"  # our own marker: fine
+        "    x.y = 1\n"  # not an upstream object
+        "    def g(self):\n"
+        "        self.gather_for_metrics = None\n"  # a wrapper's self: the upstream instance
+        "class Ours:\n"
+        "    def __init__(self):\n"
+        "        self.config = 1\n"  # our own class
+    )
+    assert [line for _, line, _ in upstream_writes(source)] == [5, 6, 7, 8, 9, 13]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.name != "patches.py" and p.relative_to(PACKAGE).parts[0] not in SCRIPTS
+    ],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_only_patches_py_writes_upstream_objects(path):
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    writes = [w for w in upstream_writes(path.read_text()) if (module, w[0]) not in ALLOWED]
+    assert writes == [], f"{module} writes upstream objects outside integrations/patches.py: {writes}"
+
+
+def test_allowed_writes_name_declared_rows():
+    rows = [reason.split("'")[1] for reason in ALLOWED.values() if reason.startswith("row ")]
+    assert rows and all(row in PATCHES for row in rows)
