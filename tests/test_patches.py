@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hf_seqpar.integrations import patches
-from hf_seqpar.integrations.patches import FIELD, INSTANCE, INSTANCE_ONLY, PATCHES, PRIVATE
+from hf_seqpar.integrations.patches import FIELD, INSTANCE_ONLY, PATCHES, PRIVATE
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_seqpar"
 UPSTREAM = {"transformers", "accelerate", "trl", "peft", "datasets"}
@@ -198,3 +198,46 @@ def test_only_patches_py_writes_upstream_objects(path):
 def test_allowed_writes_name_declared_rows():
     rows = [reason.split("'")[1] for reason in ALLOWED.values() if reason.startswith("row ")]
     assert rows and all(row in PATCHES for row in rows)
+
+
+# ---- the config is resolved once per model on a Trainer launch path ---------------------------------------------
+
+
+def _body_resolve_once(mode: str):
+    from unittest import mock
+
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from hf_seqpar import SeqParConfig
+    from hf_seqpar.integrations.activate import activate
+
+    calls = []
+    resolve = SeqParConfig.resolve
+
+    def counting(self, *args):
+        calls.append((self.mode, args))
+        return resolve(self, *args)
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    args = TrainingArguments(output_dir=f"/tmp/hf_seqpar_resolve_{dist.get_rank()}", use_cpu=True, report_to=[])
+    with mock.patch.object(SeqParConfig, "resolve", counting):
+        activate(SeqParConfig.from_env({"HF_SEQPAR_SP_SIZE": "2", "HF_SEQPAR_MODE": mode}))  # as python -m hf_seqpar
+        try:
+            trainer = Trainer(model=LlamaForCausalLM(config), args=args)
+            per_model = len(calls)
+            Trainer(model_init=lambda: LlamaForCausalLM(config), args=args).call_model_init()
+        finally:
+            activate(SeqParConfig())  # nothing to do: every hook goes
+    switched = trainer.data_collator.config.mode
+    return per_model, len(calls), switched, calls[0]
+
+
+@pytest.mark.parametrize("mode", ["auto", "ring"])
+def test_one_trainer_launch_resolves_the_config_once_per_model(ranks, mode):
+    for per_model, total, switched, first in ranks.run(_body_resolve_once, mode):
+        assert per_model == 1  # activate + Trainer(...): apply_sequence_parallel resolves, the rest share it
+        assert total == 3  # a model_init Trainer: its first model, and the one call_model_init re-creates
+        assert first == (mode, (4, 2))
+        assert switched == ("ulysses" if mode == "auto" else "ring")  # the collator got the resolved config
