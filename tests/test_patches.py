@@ -241,3 +241,20 @@ def test_one_trainer_launch_resolves_the_config_once_per_model(ranks, mode):
         assert total == 3  # a model_init Trainer: its first model, and the one call_model_init re-creates
         assert first == (mode, (4, 2))
         assert switched == ("ulysses" if mode == "auto" else "ring")  # the collator got the resolved config
+
+
+@pytest.mark.parametrize(
+    ("family", "builds"),
+    [("mistral", True), ("qwen2", True), ("phimoe", True), ("gemma2", True), ("moshi", False), ("llama", False)],
+)
+def test_sliding_mask_probe_reads_the_modeling_module(family, builds):
+    """The probe that replaced a source search: whether the modeling module holds masking_utils' sliding builder
+    (on transformers 5.25 it agrees with the source search for all 543 modeling modules)."""
+    import inspect
+
+    from hf_seqpar.integrations.transformers import _builds_sliding_masks
+
+    name = f"transformers.models.{family}.modeling_{family}"
+    module = importlib.import_module(name)
+    assert _builds_sliding_masks(name) is builds
+    assert ("create_sliding_window_causal_mask" in inspect.getsource(module)) is builds

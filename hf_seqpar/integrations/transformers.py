@@ -11,7 +11,6 @@ with the model's original attention: forward hooks on the model switch it back f
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import sys
@@ -129,13 +128,11 @@ def _original_attention(module: torch.nn.Module, state: SeqParState):
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
 
 
-@functools.cache
 def _builds_sliding_masks(modeling_module: str) -> bool:
-    """Does this modeling file ever build a sliding-window mask? (Moshi keeps a sliding_window it never uses.)"""
-    try:
-        return "create_sliding_window_causal_mask" in inspect.getsource(sys.modules[modeling_module])
-    except (OSError, TypeError, KeyError):
-        return True
+    """Does this modeling module ever build a sliding-window mask? (Moshi keeps a sliding_window it never uses.)
+    Its families build one only through masking_utils' builder, which each imports into its namespace
+    (tests/test_patches.py checks that this matches every modeling module of the pinned transformers)."""
+    return callable(getattr(sys.modules[modeling_module], "create_sliding_window_causal_mask", None))
 
 
 def _config_window(module: torch.nn.Module) -> int | None:
