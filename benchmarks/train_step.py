@@ -27,17 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_name  # noqa: E402
+from memory import MODELS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_8B = {k: v for k, v in MODELS["llama3-8b"].items() if k != "num_hidden_layers"}  # memory.py's Llama-3-8B shape
 SHAPES = {
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        head_dim=128,
-    ),  # fmt: skip
+    "llama3-8b": {**_8B, "head_dim": _8B["hidden_size"] // _8B["num_attention_heads"]},
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,
@@ -54,7 +49,7 @@ def build(shape: str, layers: int, seq: int, dtype, device):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=seq, rope_theta=5e5)
+    config = LlamaConfig(**{"rope_theta": 5e5, **SHAPES[shape]}, num_hidden_layers=layers, max_position_embeddings=seq)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model.config._attn_implementation = "sdpa"
