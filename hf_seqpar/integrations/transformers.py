@@ -329,9 +329,12 @@ def _check_forward(model: PreTrainedModel) -> None:
     params = inspect.signature(type(model).forward).parameters
     try:
         source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        source = ""
-    if "labels" in params and source and not any(w in source for w in ("loss_function", "num_items_in_batch")):
+    except (OSError, TypeError) as err:  # never a silent pass: what cannot be checked is refused
+        raise NotImplementedError(
+            f"hf_seqpar: cannot read {type(model).__name__}.forward's source to check that its loss takes "
+            f"num_items_in_batch ({err}); define the model class in a module file"
+        ) from None
+    if "labels" in params and not any(w in source for w in ("loss_function", "num_items_in_batch")):
         raise NotImplementedError(
             f"hf_seqpar: {type(model).__name__}.forward computes its own mean loss and never sees num_items_in_batch, "
             "so under sequence parallelism each rank would average its own shard; this family is not supported"
