@@ -1,6 +1,7 @@
-"""recipes/: each recipe's script, run with --tiny under `hf-seqpar launch` on 2 CPU processes (its own accelerate
-config's mode and savings, scaled to 2 ranks), logs the loss and grad_norm of the same script run plainly (in this
-process, no hf_seqpar); each config is valid for its GPUs; the README's token arithmetic is the scripts' and configs'.
+"""recipes/: each recipe's script, run with --tiny under `hf-seqpar launch` on CPU (its own accelerate config's mode
+and savings, scaled to 2 ranks; a one-GPU recipe on 1 process with its savings), logs the loss and grad_norm of the
+same script run plainly (in this process, no hf_seqpar, no savings); each config is valid for its GPUs; the README's
+token arithmetic and memory are the scripts', configs' and estimator's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hf_seqpar.estimate import SAVINGS
 from hf_seqpar.integrations.launch import read_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,20 +26,25 @@ RECIPES = ROOT / "recipes"
 NAMES = sorted(p.parent.name for p in RECIPES.glob("*/train.py"))
 RTOL = 1e-4  # float32 sums of shard partials in another order than the plain run (observed: ~1e-7)
 TIMEOUT_S = 240
+RECIPE_GPUS = {"llama31_8b_640k_1gpu": 1}  # GPUs of a recipe that is not for one node of 8
 
 
 def test_every_recipe_is_found():
-    assert NAMES == ["llama31_8b_128k_ring", "mistral_7b_64k_sliding", "qwen25_7b_256k_usp"]
+    assert NAMES == ["llama31_8b_128k_ring", "llama31_8b_640k_1gpu", "mistral_7b_64k_sliding", "qwen25_7b_256k_usp"]
 
 
 def _cpu_config(name: str, directory: Path) -> Path:
-    """The recipe's hf_seqpar section on 2 CPU processes: sp_size 2, same mode (usp keeps its inner Ulysses dim)."""
+    """The recipe's hf_seqpar section on CPU: sp_size 2 on 2 processes, same mode (usp keeps its inner Ulysses dim);
+    a one-GPU recipe (sp_size 1) as it is, on 1 process."""
     section = yaml.safe_load((RECIPES / name / "accelerate_config.yaml").read_text())["hf_seqpar"]
-    section["sp_size"] = 2
-    if section["mode"] == "usp":
+    processes = 1 if section["sp_size"] == 1 else 2
+    if processes == 2:
+        section["sp_size"] = 2
+    if section.get("mode") == "usp":
         section.update(ulysses_size=2, ring_size=1)
-    config = {"distributed_type": "MULTI_CPU", "use_cpu": True, "num_machines": 1, "num_processes": 2}
-    path = directory / "cpu_sp2.yaml"
+    distributed = "MULTI_CPU" if processes > 1 else "NO"
+    config = {"distributed_type": distributed, "use_cpu": True, "num_machines": 1, "num_processes": processes}
+    path = directory / f"cpu_sp{section['sp_size']}.yaml"
     path.write_text(yaml.safe_dump({**config, "hf_seqpar": section}))
     return path
 
@@ -69,13 +76,18 @@ def test_recipe_tiny_under_sp_matches_plain_run(name, tmp_path):
     sp_out, plain_out = tmp_path / "sp", tmp_path / "plain"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_SEQPAR_")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="0", HF_DATASETS_CACHE=str(tmp_path / "cache"))
-    cmd = [*_hf_seqpar_cli(), "launch", "--config_file", _cpu_config(name, tmp_path), RECIPES / name / "train.py"]
+    cpu_config = _cpu_config(name, tmp_path)
+    cmd = [*_hf_seqpar_cli(), "launch", "--config_file", cpu_config, RECIPES / name / "train.py"]
     cmd += ["--tiny", "--output_dir", sp_out, "--log_file", sp_out / "log.json"]
     done = subprocess.run(
         [str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert done.returncode == 0, f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}"
-    assert "hf_seqpar: world 2 = DP 1 x SP 2" in done.stdout
+    config, _ = read_config_file(cpu_config)
+    if config.sp_size == 1:  # the savings are switched on, and exact: the plain run has none of them
+        assert f"sequence parallelism is off; memory savings on: {', '.join(config.memory_savings)}" in done.stdout
+    else:
+        assert "hf_seqpar: world 2 = DP 1 x SP 2" in done.stdout
     assert (sp_out / "adapter_model.safetensors").exists()  # the LoRA adapter is saved
 
     sp, plain = _curve(sp_out / "log.json"), _plain_run(name, plain_out)
@@ -89,8 +101,10 @@ def test_recipe_tiny_under_sp_matches_plain_run(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_config_fits_its_gpus(name):
     config, cluster = read_config_file(RECIPES / name / "accelerate_config.yaml")
-    assert cluster["num_processes"] == 8 and cluster["num_processes"] % config.sp_size == 0
+    assert cluster["num_processes"] == RECIPE_GPUS.get(name, 8) and cluster["num_processes"] % config.sp_size == 0
     assert cluster["mixed_precision"] == "bf16"
+    if config.sp_size == 1:  # one GPU holds the whole sequence: it takes every saving there is
+        assert set(config.memory_savings) == set(SAVINGS.values())
 
 
 def _readme_rows() -> dict[str, tuple[int, int, int]]:
@@ -116,24 +130,38 @@ def test_readme_token_arithmetic_is_the_recipes():
         assert per_rank * sp_size == tokens, name
 
 
-ESTIMATE_INPUTS = {  # recipe -> (hf_seqpar.estimate preset, tokens per sequence, ranks sharing it, mode, ulysses)
-    "llama31_8b_128k_ring": ("llama3-8b", 131072, 8, "ring", 1),
-    "qwen25_7b_256k_usp": ("qwen2.5-7b", 262144, 8, "usp", 4),
-    "mistral_7b_64k_sliding": ("mistral-7b", 65536, 4, "ulysses", 4),
+H100_1GPU = "llama31_8b_640k_1gpu on an H100, `--max_length 327680`"
+ESTIMATE_INPUTS = {  # README memory row -> (recipe, estimate preset, tokens per sequence, ranks sharing it, mode,
+    # ulysses, the GPU it must fit with the estimate's reserve: for the one-GPU recipe, whose lengths were chosen so)
+    "llama31_8b_128k_ring": ("llama31_8b_128k_ring", "llama3-8b", 131072, 8, "ring", 1, None),
+    "qwen25_7b_256k_usp": ("qwen25_7b_256k_usp", "qwen2.5-7b", 262144, 8, "usp", 4, None),
+    "mistral_7b_64k_sliding": ("mistral_7b_64k_sliding", "mistral-7b", 65536, 4, "ulysses", 4, None),
+    "llama31_8b_640k_1gpu": ("llama31_8b_640k_1gpu", "llama3-8b", 655360, 1, "ring", 1, "h200"),
+    H100_1GPU: ("llama31_8b_640k_1gpu", "llama3-8b", 327680, 1, "ring", 1, "h100"),
 }
 
 
 def test_readme_memory_is_the_estimate():
-    """recipes/README.md's per-GPU totals are what hf_seqpar.estimate computes for each recipe's shape."""
-    from hf_seqpar.estimate import GIB, PRESETS, ModelShape, estimate_memory
+    """recipes/README.md's per-GPU totals are what hf_seqpar.estimate computes for each recipe's shape and savings."""
+    from hf_seqpar.estimate import GIB, GPUS, PRESETS, RESERVE_GIB, ModelShape, estimate_memory
 
     text = (RECIPES / "README.md").read_text()
-    for name, (preset, tokens, ranks, mode, ulysses) in ESTIMATE_INPUTS.items():
+    for row_name, (name, preset, tokens, ranks, mode, ulysses, gpu) in ESTIMATE_INPUTS.items():
         config, _ = read_config_file(RECIPES / name / "accelerate_config.yaml")
         assert (config.sp_size, config.mode, config.split[0]) == (ranks, mode, ulysses), name
+        savings = {
+            "tiled_mlp": config.tiled_mlp,
+            "offload": config.offload_checkpoints,
+            "recompute_norms": config.recompute_norms,
+            "recompute_lora_inputs": config.recompute_lora_inputs,
+        }
         memory = estimate_memory(ModelShape.from_config(PRESETS[preset]), tokens, ranks, mode=mode, ulysses=ulysses,
-                                 lora=True)  # fmt: skip
-        row = re.search(rf"^\| {name} \|.*\*\*([\d.]+)\*\* \| ([\d.]+) \|$", text, re.M)
-        assert row, f"no memory row for {name}"
-        assert float(row.group(1)) == round(memory["total_chunked"] / GIB, 1), name
-        assert float(row.group(2)) == round(memory["total_plain"] / GIB, 1), name
+                                 lora=True, **savings)  # fmt: skip
+        row = re.search(rf"^\| {re.escape(row_name)} \|.*\*\*([\d.]+)\*\* \| ([\d.]+) \|$", text, re.M)
+        assert row, f"no memory row for {row_name}"
+        assert float(row.group(1)) == round(memory["total_chunked"] / GIB, 1), row_name
+        assert float(row.group(2)) == round(memory["total_plain"] / GIB, 1), row_name
+        if gpu:
+            assert memory["total_chunked"] <= GPUS[gpu].memory_gib * 1e9 - RESERVE_GIB * GIB, row_name
+        if f"default={tokens}" not in (RECIPES / name / "train.py").read_text():  # a variant: the script says how
+            assert f"--max_length {tokens}" in (RECIPES / name / "train.py").read_text(), row_name
