@@ -107,7 +107,9 @@ class Labeller:
     def __init__(self, model):
         self.stack: list[str] = []
         self.backward = False
-        names = {m: re.sub(r"\.\d+(?=\.|$)", ".*", n.replace("base_model.model.", "")) for n, m in model.named_modules()}
+        names = {
+            m: re.sub(r"\.\d+(?=\.|$)", ".*", n.replace("base_model.model.", "")) for n, m in model.named_modules()
+        }
         pre = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda m, a: self.stack.append(names.get(m, type(m).__name__))
         )
@@ -163,8 +165,8 @@ def _no_autocast_on_meta() -> None:
 
     real = torch.autocast
     chunked_loss._autocast_state = lambda device_type: (False, torch.bfloat16)
-    torch.autocast = lambda device_type, *a, **k: contextlib.nullcontext() if device_type == "meta" else real(
-        device_type, *a, **k
+    torch.autocast = lambda device_type, *a, **k: (
+        contextlib.nullcontext() if device_type == "meta" else real(device_type, *a, **k)
     )
 
 

@@ -15,7 +15,13 @@ BACKENDS = ("auto", *KERNEL_BACKENDS)
 
 _ENV_PREFIX = "HF_SEQPAR_"
 _INT_FIELDS = ("sp_size", "ulysses_size", "ring_size")
-_BOOL_FIELDS = ("chunked_loss", "tiled_mlp", "offload_checkpoints", "recompute_norms", "recompute_lora_inputs")  # the savings of hf_seqpar.memory, any sp_size
+_BOOL_FIELDS = (
+    "chunked_loss",
+    "tiled_mlp",
+    "offload_checkpoints",
+    "recompute_norms",
+    "recompute_lora_inputs",
+)  # the savings of hf_seqpar.memory, any sp_size
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -36,7 +42,8 @@ class SeqParConfig:
         metadata={"help": "Token placement: zigzag | contiguous | auto (zigzag when a ring or all-gather is used)."},
     )
     backend: str = field(
-        default="auto", metadata={"help": "Local attention kernel: " + " | ".join(BACKENDS) + " (auto: fastest exact)."}
+        default="auto",
+        metadata={"help": "Local attention kernel: " + " | ".join(BACKENDS) + " (auto: fastest exact)."},
     )
     chunked_loss: bool = field(
         default=False,

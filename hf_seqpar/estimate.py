@@ -239,8 +239,9 @@ def estimate_memory(
     if lora16:
         rope = 2 * e * m.head_dim  # cos, sin
         stored = local * ((e * m.hidden if offload else m.layers * e * m.hidden) + rope)
-        working = local * _lora_layer_peak(m, e, offload=offload, norms=recompute_norms, lora_inputs=recompute_lora_inputs,
-                                           tiled=tiled_mlp)  # fmt: skip
+        working = local * _lora_layer_peak(
+            m, e, offload=offload, norms=recompute_norms, lora_inputs=recompute_lora_inputs, tiled=tiled_mlp
+        )
     elif grad_ckpt:  # each layer keeps its input; the backward recomputes one layer at a time
         stored = local * ((e * m.hidden if offload else m.layers * e * m.hidden) + head)
         working = local * layer
@@ -255,7 +256,9 @@ def estimate_memory(
         other = max(attention, tile) + local * (e * (2 * m.hidden + m.kv_heads * m.head_dim) + 2 * 4 * m.hidden)
         step = {c: max(stored + loss[c], stored + max(working, other), gradients) for c in (False, True)}
     else:
-        step = {c: max(stored + loss[c], stored + working + attention + lm_head_grad, gradients) for c in (False, True)}
+        step = {
+            c: max(stored + loss[c], stored + working + attention + lm_head_grad, gradients) for c in (False, True)
+        }
     return {
         "weights": weights,
         "gradients": gradients,
@@ -418,7 +421,9 @@ def verdict(m: ModelShape, args, seq_len: int) -> str:
     head = f"Verdict: does NOT fit{loss}: {need / GIB:.1f} GiB per GPU, {usable / GIB:.1f} GiB usable per {gpu}"
     for change, changed in _changes(args):
         if _total(m, changed, seq_len, args.gpus) <= usable:
-            return f"{head}. Cheapest change that fits: {change} ({_total(m, changed, seq_len, args.gpus) / GIB:.1f} GiB)"
+            return (
+                f"{head}. Cheapest change that fits: {change} ({_total(m, changed, seq_len, args.gpus) / GIB:.1f} GiB)"
+            )
     everything = argparse.Namespace(**{**vars(args), **dict.fromkeys(SAVINGS, True), "zero3": True})
     for gpus in (args.gpus * k for k in (2, 4, 8, 16)):
         if seq_len % (2 * gpus) == 0 and _total(m, args, seq_len, gpus) <= usable:
@@ -445,13 +450,19 @@ def max_context_report(args) -> str:
     longest = max_context(m, args)
     on = [SAVINGS[f] for f in SAVINGS if getattr(args, f)] + (["ZeRO-3"] if args.zero3 else [])
     lines = [
-        f"{name} on {args.gpus} x {args.gpu.upper()}" + (", LoRA r=16" if args.lora else "") + ", "
-        + (", ".join(on) if on else "no savings") + f": longest sequence that fits = {longest:,} tokens"
+        f"{name} on {args.gpus} x {args.gpu.upper()}"
+        + (", LoRA r=16" if args.lora else "")
+        + ", "
+        + (", ".join(on) if on else "no savings")
+        + f": longest sequence that fits = {longest:,} tokens"
     ]
     if longest:
         need = _total(m, args, longest, args.gpus)
-        lines.append(f"  ({need / GIB:.1f} GiB per GPU of {_usable(args) / GIB:.1f} usable; "
-                     f"{_memory(m, args, longest, args.gpus)['host_bytes'] / GIB:.0f} GiB of host memory)")  # fmt: skip
+        host = _memory(m, args, longest, args.gpus)["host_bytes"]
+        lines.append(
+            f"  ({need / GIB:.1f} GiB per GPU of {_usable(args) / GIB:.1f} usable; "
+            f"{host / GIB:.0f} GiB of host memory)"
+        )
     return "\n".join(lines)
 
 
@@ -470,8 +481,12 @@ def cli(argv=None) -> None:
     parser.add_argument("--tiled-mlp", action="store_true", help="SeqParConfig(tiled_mlp=True)")
     parser.add_argument("--offload", action="store_true", help="SeqParConfig(offload_checkpoints=True)")
     parser.add_argument("--recompute-norms", action="store_true", help="SeqParConfig(recompute_norms=True)")
-    parser.add_argument("--recompute-lora-inputs", action="store_true", help="SeqParConfig(recompute_lora_inputs=True)")
-    parser.add_argument("--chunked-loss", action="store_true", help="judge the fit with SeqParConfig(chunked_loss=True)")
+    parser.add_argument(
+        "--recompute-lora-inputs", action="store_true", help="SeqParConfig(recompute_lora_inputs=True)"
+    )
+    parser.add_argument(
+        "--chunked-loss", action="store_true", help="judge the fit with SeqParConfig(chunked_loss=True)"
+    )
     parser.add_argument("--max-context", action="store_true", help="the longest sequence that fits --gpus x --gpu")
     args = parser.parse_args(argv)
     try:

@@ -292,8 +292,8 @@ def test_unknown_key_in_the_section_is_named(assets):
 
 
 def test_sp_size_must_divide_the_world(tmp_path):
-    from hf_seqpar.integrations.launch import launch
     from hf_seqpar.integrations.accelerator import groups_for
+    from hf_seqpar.integrations.launch import launch
 
     config = _config_file(tmp_path, 2, sp_size=3)
     with pytest.raises(ValueError, match=r"sp_size=3 must divide world_size=2"):

@@ -376,7 +376,12 @@ def _lora_recomputed_input_forward(original):
         from torch.utils.checkpoint import checkpoint
 
         name = active[0]
-        lora_A, lora_B, dropout, scaling = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        lora_A, lora_B, dropout, scaling = (
+            self.lora_A[name],
+            self.lora_B[name],
+            self.lora_dropout[name],
+            self.scaling[name],
+        )
         result = self.base_layer(x)
         result_dtype = result.dtype
 
