@@ -171,7 +171,10 @@ def test_trainer_script_ulysses_matches_plain_run(assets, plain_trainer_log):
     assert_same_curve(json.loads((out / "log.json").read_text()), plain_trainer_log)
 
 
-@pytest.mark.parametrize(("mode", "packing"), [("ring", False), ("ulysses", True)])
+@pytest.mark.parametrize(
+    ("mode", "packing"),
+    [pytest.param("ring", False, marks=pytest.mark.slow), ("ulysses", True)],  # ring: the bf16-default SFT launch
+)
 def test_trl_sft_script_with_lora_matches_plain_run(assets, plain_sft_logs, mode, packing):
     out = assets.root / f"sp_sft_{mode}_packing{packing}"
     launch_sp(assets, f"{out.name}_launch", 2, {"sp_size": 2, "mode": mode}, sft_cmd(assets, out, packing))
@@ -202,6 +205,7 @@ def test_trl_sft_script_with_its_own_bf16_default_matches_plain_run(assets, plai
                 assert abs(sp[key] - plain[key]) / abs(plain[key]) <= 4 * max(bf16_effect, 2**-8), (key, sp, plain)
 
 
+@pytest.mark.slow  # make test under 5 minutes: DP x SP stays in through the loaders' tests and the pool parity tests
 def test_dp2_sp2_sees_every_sample_once_and_matches_plain_dp2(assets):
     # Plain DP=2 is torchrun on the script itself, without hf_seqpar: a baseline that shares no code with SP.
     plain, sp = assets.root / "plain_dp2", assets.root / "sp_dp2"

@@ -71,7 +71,10 @@ def _plain_run(name: str, out: Path) -> list:
     return _curve(out / "log.json")
 
 
-@pytest.mark.parametrize("name", NAMES)
+SLOW_TINY = {"mistral_7b_64k_sliding", "qwen25_7b_256k_usp"}  # make test under 5 minutes: two launches of the four
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TINY else n for n in NAMES])
 def test_recipe_tiny_under_sp_matches_plain_run(name, tmp_path):
     sp_out, plain_out = tmp_path / "sp", tmp_path / "plain"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_SEQPAR_")}

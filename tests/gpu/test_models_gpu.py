@@ -133,7 +133,6 @@ def _cases():
     """Every (device, world, family, mode, rows, precision); CPU cases beyond `fast` only with -m slow."""
     fast = {
         ("cpu", 2, "mistral", "ring", "packed", "bf16"),  # issue 13's bug: bf16 ring, documents + window
-        ("cpu", 4, "gpt_oss", "usp", "padded", "fp32"),  # sinks, 4 processes, ulysses 2 x ring 2
     }
     cases = []
     for device in ("cuda", "cpu"):
