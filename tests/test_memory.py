@@ -352,6 +352,7 @@ assert all(abs(a - b) < 1e-5 for a, b in zip(*losses)), losses
 """
 
 
+@pytest.mark.slow  # the one-GPU recipe's --tiny launch covers `hf-seqpar launch` at sp_size=1 with savings
 def test_python_m_hf_seqpar_switches_savings_on_at_sp_size_1(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "out"))))
