@@ -44,8 +44,13 @@ def _step(model, seed=5):
         (torch.float32, True, 0.0, CUTS),
         (torch.bfloat16, True, 0.0, CUTS),
         pytest.param(torch.bfloat16, False, 0.1, CUTS, marks=pytest.mark.slow),  # dropout's RNG replayed
-        pytest.param(torch.bfloat16, True, 0.0, {**CUTS, "chunked_loss": True, "tiled_mlp": True,
-                                                 "offload_checkpoints": True}, marks=pytest.mark.slow),  # fmt: skip
+        pytest.param(
+            torch.bfloat16,
+            True,
+            0.0,
+            {**CUTS, "chunked_loss": True, "tiled_mlp": True, "offload_checkpoints": True},
+            marks=pytest.mark.slow,
+        ),  # fmt: skip
     ],
 )
 def test_recomputed_norms_and_lora_inputs_are_exact(dtype, ckpt, dropout, savings):
