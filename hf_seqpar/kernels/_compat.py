@@ -56,6 +56,11 @@ def cudnn_available() -> bool:
     """torch's cuDNN SDPA ops on an Ampere-or-newer GPU (the stand-in plays one)."""
     if standin.active():
         return standin.cudnn_installed()
+    return _real_cudnn_available()
+
+
+@cache
+def _real_cudnn_available() -> bool:  # asked on every attention call (auto): once per process is enough
     return (
         hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
         and torch.cuda.is_available()
