@@ -252,6 +252,7 @@ def _first_step_mean_loss(assets, rows: int) -> tuple[float, list[int]]:
     return loss_sum.item() / targets.sum().item(), targets.tolist()
 
 
+@pytest.mark.slow  # make test under 5 minutes: the plugin switches with the same code as the unmodified-loop launch
 def test_plugin_switches_a_custom_accelerate_loop(assets):
     # 2 micro-batches of 2 rows per optimizer step: the loss is the step's token mean (N over the whole step)
     script = ROOT / "tests" / "scripts" / "accelerate_loop.py"
