@@ -43,5 +43,16 @@ def _rank_pools():
 
 
 @pytest.fixture
+def one_thread():
+    """Hundreds of tiny kernels: with several threads on a busy 2-core machine they crawl (measured 15x)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def ranks(request, _rank_pools):
     return shared_pool(getattr(request, "param", 2))

@@ -31,15 +31,6 @@ DISPATCH = {  # name -> (backend, dtype, the varlen kernel the dispatch must pic
 HOPS = hops(SEQ)
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny kernels: several threads on a busy 2-core machine make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dispatch", list(DISPATCH))
 @pytest.mark.parametrize("mask", [*specs(SEQ), "issue"])
 def test_every_dispatch_matches_float64(one_thread, dispatch, mask):

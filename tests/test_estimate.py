@@ -85,14 +85,6 @@ def _estimate(world: int, seq: int, config: str, model: dict = TINY) -> int:
 CONFIGS = ["plain", "ckpt", "chunked_loss", "ckpt+chunked_loss", "tiled_mlp", "ckpt+chunked_loss+tiled_mlp"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("config", [pytest.param("plain", marks=pytest.mark.slow), "ckpt+chunked_loss"])
 def test_estimate_agrees_with_the_measurement(one_thread, config):
     measured, estimated = _measure(1, 2048, config), _estimate(1, 2048, config)

@@ -46,15 +46,6 @@ def _hop_cases():
     return cases
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny kernels: with several threads on a busy 2-core machine they crawl (measured 15x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_varlen_plan_matches_math_float64(one_thread):
     # The CUDA stand-in follows FA2's rules (bottom-right windows, its reading of wide and one-sided windows), so a
     # plan that is exact here is exact on flash-attn / torch's FA2. float64: agreement to rounding (measured ~1e-15).

@@ -16,15 +16,6 @@ SEQ, HEADS, KV_HEADS, DIM = 48, 4, 2, 8
 DOCS = (0, 7, 20, 21, 40, SEQ)
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny kernels: several threads on a busy 2-core machine make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = [("ring", 4, 1), ("allgather", 4, 1), ("ulysses", 2, 1), ("usp", 4, 2), ("ring", 3, 1)]
 
 
