@@ -46,18 +46,9 @@ def _model(p: float):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-    )
+    from hf_seqpar.demo.tiny import TINY_SHAPE  # the demo's tiny Llama: hidden 64, 2 layers, 4 / 2 heads of 16
+
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=256, **TINY_SHAPE)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     torch.manual_seed(1)

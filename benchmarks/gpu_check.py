@@ -169,11 +169,18 @@ def read_tests(part: Part, outcomes: Path) -> None:
         part.status = "ran no test"
 
 
-def read_efficiency(part: Part, path: Path) -> None:
+def _results(part: Part, path: Path) -> dict | None:
+    """A benchmark part's results file, or None with the part marked failed."""
     if not path.exists():
         part.failed, part.headline = 1, "no results file"
+        return None
+    return json.loads(path.read_text())
+
+
+def read_efficiency(part: Part, path: Path) -> None:
+    if (report := _results(part, path)) is None:
         return
-    rows = json.loads(path.read_text())["results"]
+    rows = report["results"]
     part.passed = len(rows)
     if not rows:
         return
@@ -189,10 +196,9 @@ def read_efficiency(part: Part, path: Path) -> None:
 
 
 def read_memory(part: Part, path: Path) -> None:
-    if not path.exists():
-        part.failed, part.headline = 1, "no results file"
+    if (report := _results(part, path)) is None:
         return
-    points = json.loads(path.read_text())["points"]
+    points = report["points"]
     good = [p for p in points if p["peak_bytes_max"] is not None]
     part.passed, part.failed = len(good), len(points) - len(good)
     part.failures = [f"sp={p['sp']} seq={p['seq']} {p['config']}: {p['error']}" for p in points if p not in good]
@@ -206,10 +212,9 @@ def read_memory(part: Part, path: Path) -> None:
 
 
 def read_backends(part: Part, path: Path) -> None:
-    if not path.exists():
-        part.failed, part.headline = 1, "no results file"
+    if (report := _results(part, path)) is None:
         return
-    rows = json.loads(path.read_text())["rows"]
+    rows = report["rows"]
     part.passed = len(rows)
     part.headline = "; ".join(
         f"{r['dtype']} {r['mask']}: " + " < ".join(f"{n} {r['seconds'][n] * 1e3:.1f} ms" for n in r["order"])
@@ -218,10 +223,9 @@ def read_backends(part: Part, path: Path) -> None:
 
 
 def read_step(part: Part, path: Path) -> None:
-    if not path.exists():
-        part.failed, part.headline = 1, "no results file"
+    if (report := _results(part, path)) is None:
         return
-    rows = json.loads(path.read_text())["results"]
+    rows = report["results"]
     part.passed = len(rows)
     by_seq: dict = {}
     for r in rows:
