@@ -55,7 +55,7 @@ def cudnn_bwd(dout, q, k, v, out, lse, kind, mask, scale, softcap=None):
     # output gradient strided like the output (pytorch#176915)
     qh, kh, vh = (x.contiguous().transpose(1, 2) for x in (q, k, v))
     oh, doh = (x.to(dt).contiguous().transpose(1, 2) for x in (out, dout))
-    lse_in = torch.where(torch.isneginf(lse), 0.0, lse).float().contiguous()[..., None]
+    lse_in = torch_backend._safe(lse).float().contiguous()[..., None]  # rows that saw no key: any finite value
     empty = torch.empty(0, device=q.device)
     dq, dk, dv = _compat.aten_op("_scaled_dot_product_cudnn_attention_backward")(
         doh, qh, kh, vh, oh, lse_in, empty, empty, None, empty, empty, q.shape[1], k.shape[1], 0.0,
