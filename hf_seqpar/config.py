@@ -14,7 +14,7 @@ KERNEL_BACKENDS = {"torch": "torch_backend", "flash_attn": "flash_backend", "cud
 BACKENDS = ("auto", *KERNEL_BACKENDS)
 
 _ENV_PREFIX = "HF_SEQPAR_"
-_INT_FIELDS = ("sp_size", "ulysses_size", "ring_size")
+_INT_FIELDS = ("sp_size", "ulysses_size", "ring_size", "tp_size")
 _BOOL_FIELDS = (
     "chunked_loss",
     "tiled_mlp",
@@ -30,6 +30,13 @@ class SeqParConfig:
     """Sequence-parallel settings. Fields double as `HfArgumentParser` / YAML keys (see `metadata["help"]`)."""
 
     sp_size: int = field(default=1, metadata={"help": "Ranks that share one sequence; world_size % sp_size == 0."})
+    tp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Tensor-parallel ranks per sequence shard (Megatron-SP: weights split by heads / MLP columns, "
+            "norms and residuals on sequence pieces); world_size % (sp_size * tp_size) == 0."
+        },
+    )
     mode: str = field(
         default="ring", metadata={"help": "Distributed attention: ring | ulysses | usp | allgather | auto."}
     )
@@ -70,6 +77,8 @@ class SeqParConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.sp_size, int) or self.sp_size < 1:
             raise ValueError(f"hf_seqpar: sp_size={self.sp_size!r} must be a positive integer")
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"hf_seqpar: tp_size={self.tp_size!r} must be a positive integer")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"hf_seqpar: {name}={getattr(self, name)!r} must be True or False")
@@ -130,7 +139,17 @@ class SeqParConfig:
         return "zigzag"
 
     def resolve(self, num_heads_q: int, num_heads_kv: int) -> SeqParConfig:
-        """A concrete config for these head counts ('auto' -> ulysses, usp or ring); validates head constraints."""
+        """A concrete config for these head counts ('auto' -> ulysses, usp or ring); validates head constraints.
+        With tp_size > 1 the sequence-parallel attention sees each tensor-parallel rank's own heads."""
+        if self.tp_size > 1:
+            if num_heads_q % self.tp_size or num_heads_kv % self.tp_size:
+                fits = [t for t in range(1, num_heads_kv + 1) if num_heads_kv % t == 0 == num_heads_q % t]
+                raise ValueError(
+                    f"hf_seqpar: tp_size={self.tp_size} must divide num_attention_heads={num_heads_q} and "
+                    f"num_key_value_heads={num_heads_kv} (each tensor-parallel rank holds whole heads); use a "
+                    f"tp_size among {fits}"
+                )
+            num_heads_q, num_heads_kv = num_heads_q // self.tp_size, num_heads_kv // self.tp_size
         cfg = self
         if self.mode == "auto":
             u = max(d for d in range(1, self.sp_size + 1) if self.sp_size % d == 0 and num_heads_q % d == 0)
@@ -148,7 +167,7 @@ class SeqParConfig:
         if num_heads_q % u != 0:
             raise ValueError(
                 f"hf_seqpar: sp_size={self.sp_size} (ulysses degree {u}) must divide "
-                f"num_attention_heads={num_heads_q} for "
+                f"num_attention_heads={num_heads_q}{' per tensor-parallel rank' if self.tp_size > 1 else ''} for "
                 f"mode={cfg.mode!r}; use mode='ring', 'allgather' or 'usp' with a ulysses_size dividing the heads"
             )
         if num_heads_q % num_heads_kv != 0:
@@ -165,12 +184,19 @@ class SeqParConfig:
 
     def describe(self) -> str:
         savings = "".join(f" {name}" for name in self.memory_savings)
+        tp = f" tp_size={self.tp_size}" if self.tp_size > 1 else ""
         if self.mode == "auto":
-            return f"sp_size={self.sp_size} mode=auto layout={self.resolved_layout}{savings}"
+            return f"sp_size={self.sp_size}{tp} mode=auto layout={self.resolved_layout}{savings}"
         u, r = self.split
         return (
-            f"sp_size={self.sp_size} mode={self.mode} (ulysses {u} x ring {r}) layout={self.resolved_layout}{savings}"
+            f"sp_size={self.sp_size}{tp} mode={self.mode} (ulysses {u} x ring {r}) "
+            f"layout={self.resolved_layout}{savings}"
         )
+
+    @property
+    def parallel_size(self) -> int:
+        """Ranks that hold pieces of one sequence: sp_size * tp_size (world_size must be a multiple)."""
+        return self.sp_size * self.tp_size
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> SeqParConfig:
@@ -197,12 +223,13 @@ class SeqParConfig:
         return cls(**kwargs)
 
     def to_env(self) -> dict[str, str]:
-        """The `HF_SEQPAR_*` variables that `from_env` reads back into this config (savings only when on)."""
+        """The `HF_SEQPAR_*` variables that `from_env` reads back into this config (savings and tp_size only when
+        not their defaults)."""
         return {
             _ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)).lower()
             if f.name in _BOOL_FIELDS
             else str(getattr(self, f.name))
             for f in dataclasses.fields(self)
             if getattr(self, f.name) is not None
-            and not (f.name in _BOOL_FIELDS and getattr(self, f.name) == f.default)
+            and not ((f.name in _BOOL_FIELDS or f.name == "tp_size") and getattr(self, f.name) == f.default)
         }

@@ -99,7 +99,8 @@ class SequenceShardingCollator:
 
     Output keys (each [B, S_pad / sp_size], this rank's shard, `S_pad` = S padded to the layout's multiple):
     `input_ids`; `shift_labels` (labels shifted on the full sequence, -100 at padding and at every document's
-    last token); `labels` (the same tensor, so a Trainer counting `labels` counts each target once); global
+    last token; with tp_size > 1 only this TP rank's contiguous 1/tp_size piece of the shard, whose loss it computes);
+    `labels` (the same tensor, so a Trainer counting `labels` counts each target once); global
     `position_ids` (restarting at 0 per packed document); any other [B, S] tensor of the batch. Plus
     `seqpar_cu_seqlens`: a `DocumentOffsets`, per row the document offsets into the FULL padded row (0 ... S_pad),
     held on the host (Trainer and accelerate do not move it, so attention reads it without a device sync); the
@@ -123,9 +124,10 @@ class SequenceShardingCollator:
         allow_random: bool = False,
         keep_unsharded: bool = False,
     ) -> None:
-        if config.sp_size != groups.sp_size:
+        if (config.sp_size, config.tp_size) != (groups.sp_size, groups.tp_size):
             raise ValueError(
-                f"hf_seqpar: config.sp_size={config.sp_size} but the groups have sp_size={groups.sp_size}"
+                f"hf_seqpar: config has sp_size={config.sp_size}, tp_size={config.tp_size} but the groups have "
+                f"sp_size={groups.sp_size}, tp_size={groups.tp_size}"
             )
         reason = None if allow_random else _random_reason(base_collator)
         if reason is not None:
@@ -140,7 +142,8 @@ class SequenceShardingCollator:
         self.groups = groups
         self.pad_token_id = pad_token_id
         self.keep_unsharded = keep_unsharded
-        self.multiple = layout.required_multiple(config.sp_size, config.resolved_layout)
+        # tp_size > 1: each TP rank's piece of the shard must be whole tokens
+        self.multiple = layout.required_multiple(config.sp_size, config.resolved_layout) * config.tp_size
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
         batch = dict(self.base_collator(features))
@@ -234,6 +237,9 @@ class SequenceShardingCollator:
         placement = layout.Placement.build(s_pad, self.groups.sp_size, self.config.resolved_layout)
         for key in {*seq_keys, "shift_labels", "position_ids"}.difference(_DROPPED, ["labels"]):
             batch[key] = layout.shard(batch[key], placement, self.groups.sp_rank, dim=1)
+        if self.groups.tp_size > 1:  # the model computes the loss of this TP rank's piece only (tensor_parallel.py)
+            piece = batch["shift_labels"].shape[1] // self.groups.tp_size
+            batch["shift_labels"] = batch["shift_labels"].narrow(1, self.groups.tp_rank * piece, piece).contiguous()
         batch["labels"] = batch["shift_labels"]  # a Trainer counting `labels` then counts each target once
         batch["seqpar_cu_seqlens"] = DocumentOffsets.from_padded(cu_seqlens)  # stays on the host: no sync to read it
         batch["seqpar_real_tokens"] = layout.shard(~pad, placement, self.groups.sp_rank, dim=1)  # MoE router stats

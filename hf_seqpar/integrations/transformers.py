@@ -11,6 +11,7 @@ with the model's original attention: forward hooks on the model switch it back f
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import sys
@@ -29,6 +30,7 @@ from .memory import apply_memory_savings
 from .moe import SHARDED_FORWARD, install_router_loss
 from .patches import PATCHES, read, set_attr
 from .rng import ShardedRng
+from .tensor_parallel import apply_tensor_parallel
 
 logger = logging.getLogger("hf_seqpar")
 STATE_ATTR = "_hf_seqpar"
@@ -74,9 +76,11 @@ class SeqParState:
     _docs_cache: list = field(default_factory=lambda: [None, None, None])
     _stack: list = field(default_factory=list)
     rng: ShardedRng = field(init=False)  # forks the generators per SP rank in sharded training forwards (rng.py)
+    attention: SeqParConfig = field(init=False)  # what the attention of one TP rank's heads runs (tp_size=1)
 
     def __post_init__(self):
         self.rng = ShardedRng(self.groups.sp_rank, self.groups.sp_size)
+        self.attention = dataclasses.replace(self.config, tp_size=1)
 
     def documents(self, offsets: torch.Tensor, chunk: int | None = None):
         """Document offsets per row as tuples (None for one document per row); with `chunk`, every document is
@@ -228,7 +232,7 @@ def seqpar_attention_forward(
         query.transpose(1, 2),
         key.transpose(1, 2),
         value.transpose(1, 2),
-        config=state.config,
+        config=state.attention,
         groups=state.groups,
         causal=causal,
         scale=scaling,
@@ -371,6 +375,11 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
     (chunked_loss, tiled_mlp, offload_checkpoints) are switched to exactly what it asks for, as by
     `apply_memory_savings(model, config)`: a second call with another config replaces the first's, savings too."""
     base = _base_model(model)
+    if (config.sp_size, config.tp_size) != (groups.sp_size, groups.tp_size):
+        raise ValueError(
+            f"hf_seqpar: config has sp_size={config.sp_size}, tp_size={config.tp_size} but the groups have "
+            f"sp_size={groups.sp_size}, tp_size={groups.tp_size}; build them with init_groups(config)"
+        )
     modules, resolved = _check_supported(base, config)  # head constraints fail here, before any step
     savings = getattr(base, MEMORY_ATTR, None)  # the same savings already on (custom chunk sizes too) stay as they are
     if savings is None or savings.config.memory_savings != config.memory_savings:
@@ -394,9 +403,17 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
             post = module.register_forward_hook(lambda m, a, out: state.leave(), always_call=True)
             state.hooks += [pre, post]
     setattr(base, STATE_ATTR, state)
+    if config.tp_size > 1:  # weights split once; the split stays when SP is removed (plain TP then)
+        apply_tensor_parallel(model, base, groups, lambda: _sharded_forward(base))
     picked = f" (mode='auto' picked {resolved.describe()})" if config.mode == "auto" else ""
     logger.info("hf_seqpar: %s attention switched to %s%s", type(base).__name__, impl, picked)
     return model
+
+
+def _sharded_forward(base: PreTrainedModel) -> bool:
+    """Is the forward in progress (or the gradient-checkpointing recompute of the latest one) a sharded batch's?"""
+    state = base.__dict__.get(STATE_ATTR)
+    return state is not None and state.current_docs is not None
 
 
 def remove_sequence_parallel(model: torch.nn.Module):
