@@ -42,18 +42,24 @@ SHARES = {  # collective -> (kind, share of its input this rank sends, given the
     "all_gather_into_tensor": ("all_gather", lambda n: n - 1),
     "reduce_scatter_single": ("reduce_scatter", lambda n: Fraction(n - 1, n)),
     "reduce_scatter_tensor": ("reduce_scatter", lambda n: Fraction(n - 1, n)),
+    "all_reduce": ("all_reduce", lambda n: Fraction(2 * (n - 1), n)),  # ring: reduce-scatter, then all-gather
 }
 
 
 class SentBytes:
-    """Context manager: count the bytes this rank sends through torch.distributed into `self.sent[kind]`."""
+    """Context manager: count the bytes this rank sends through torch.distributed into `self.sent[kind]`, and into
+    `self.by_group[labels[group]]` (None for a group `labels` does not name)."""
 
-    def __init__(self):
+    def __init__(self, labels: dict | None = None):
         self.sent: dict[str, Fraction] = {}
+        self.by_group: dict[str | None, Fraction] = {}
+        self._labels = labels or {}
         self._saved = {}
 
-    def _add(self, kind, nbytes):
+    def _add(self, kind, nbytes, group=None):
         self.sent[kind] = self.sent.get(kind, 0) + nbytes
+        label = self._labels.get(group)
+        self.by_group[label] = self.by_group.get(label, 0) + nbytes
 
     def __enter__(self):
         for name, (kind, share) in SHARES.items():
@@ -64,15 +70,17 @@ class SentBytes:
 
             def wrapper(*args, _orig=orig, _sig=sig, _kind=kind, _share=share, **kwargs):
                 bound = _sig.bind(*args, **kwargs).arguments
-                t = bound.get("input", bound.get("input_tensor"))
-                self._add(_kind, t.numel() * t.element_size() * _share(dist.get_world_size(bound.get("group"))))
+                t, group = bound.get("input", bound.get("input_tensor", bound.get("tensor"))), bound.get("group")
+                self._add(_kind, t.numel() * t.element_size() * _share(dist.get_world_size(group)), group)
                 return _orig(*args, **kwargs)
 
             setattr(dist, name, wrapper)
         orig_p2p = self._saved["batch_isend_irecv"] = dist.batch_isend_irecv
 
         def p2p(ops):
-            self._add("p2p", sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend))
+            for op in ops:
+                if op.op is dist.isend:
+                    self._add("p2p", op.tensor.numel() * op.tensor.element_size(), op.group)
             return orig_p2p(ops)
 
         dist.batch_isend_irecv = p2p
