@@ -62,16 +62,40 @@ def test_every_row_fits_the_installed_versions(name):
         assert callable(getattr(importlib.import_module(module), qualname, None)), f"{name}: {factory} is gone"
 
 
+# Instance-only private attributes stored by a public property of the owner (its setter writes, its getter reads).
+STORED_BY_PROPERTY = {"PreTrainedModel._loss_function": "loss_function"}
+
+
 def test_instance_only_private_attributes_exist():
-    """Set in the owner's __init__, so they are checked on a built instance (a model config) or on what the
-    pinned __init__ stores (TRL trainers, which need datasets to build)."""
+    """Set in the owner's __init__ (or by a public property's setter), so they are checked on a built instance (a
+    model config) or on what the pinned __init__ (or the property) stores (TRL trainers, which need datasets)."""
     from transformers import LlamaConfig
 
     assert hasattr(LlamaConfig(), PATCHES["PretrainedConfig._attn_implementation_internal"].attr)
     for name in sorted(INSTANCE_ONLY - {"PretrainedConfig._attn_implementation_internal"}):
         row = PATCHES[name]
-        stored = patches.resolve(row.owner).__init__.__code__.co_names
+        owner = patches.resolve(row.owner)
+        if name in STORED_BY_PROPERTY:
+            prop = getattr(owner, STORED_BY_PROPERTY[name])
+            for what, fn in (("setter", prop.fset), ("getter", prop.fget)):
+                assert row.attr in fn.__code__.co_names, f"{row.owner}.{prop.fget.__name__}'s {what} lost {row.attr}"
+            continue
+        stored = owner.__init__.__code__.co_names
         assert row.attr in stored, f"{row.owner}.__init__ no longer sets {row.attr}"
+
+
+def test_a_field_written_through_its_property_is_deleted_loudly():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    default = model.loss_function
+    patches.set_attr(model, "PreTrainedModel.loss_function", print)
+    assert patches.read(model, "PreTrainedModel._loss_function") is print and model.loss_function is print
+    patches.del_attr(model, "PreTrainedModel._loss_function")
+    assert model.loss_function is default
+    with pytest.raises(RuntimeError, match=r"^hf_seqpar: LlamaForCausalLM._loss_function is gone"):
+        patches.del_attr(model, "PreTrainedModel._loss_function")
 
 
 def test_instance_rows_compose_once():

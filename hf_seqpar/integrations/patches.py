@@ -11,7 +11,8 @@ upstream object (tests/test_patches.py scans the source); it calls this module:
   the new wrapper replaces ours (the latest activation wins, never a silent mix of two).
 - `patch_instance`: the per-instance rebinding of one object's methods (a Trainer's compute_loss, log, ...), every
   attribute once, each a chain of factories composed explicitly in the given order.
-- `set_attr` / `read`: a declared field of an upstream instance written, or a private one read, loudly.
+- `set_attr` / `read` / `del_attr`: a declared field of an upstream instance written, or a private one read (or
+  deleted), loudly.
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ PATCHES: dict[str, Patch] = {
         "apply_memory_savings (also on decoders, MLPs, RMSNorms and PEFT LoRA linears: their instance forward)",
     ),
     # ---- fields of upstream instances that hf_seqpar writes
+    "PreTrainedModel.loss_function": Patch(
+        FIELD, _MODEL, "loss_function", (), _I + "loss:counting",
+        "a sharded forward given labels and num_items_in_batch, until one passes the count check (put back as it "
+        "returns: the instance's own function, else PreTrainedModel._loss_function deleted)",
+    ),
     "Trainer.data_collator": Patch(FIELD, _T, "data_collator", (), _I + "collator:SequenceShardingCollator", _ATTACH),
     "Trainer.gather_function": Patch(
         FIELD, _T, "gather_function", (), _I + "evaluation:dp_gather_for_metrics", "each evaluation_loop; attach (DPO)"
@@ -153,6 +159,10 @@ PATCHES: dict[str, Patch] = {
     "PreTrainedModel._can_set_attn_implementation": Patch(
         PRIVATE, _MODEL, "_can_set_attn_implementation", (), "", "apply_sequence_parallel (is attention pluggable?)"
     ),
+    "PreTrainedModel._loss_function": Patch(
+        PRIVATE, _MODEL, "_loss_function", (), "",
+        "the loss-count check: where the loss_function setter stores the function (read, and deleted after the check)",
+    ),
     "SFTTrainer._total_train_tokens": Patch(
         PRIVATE, _SFT, "_total_train_tokens", (), "", "each training compute_loss of an SFTTrainer (num_tokens)"
     ),
@@ -168,6 +178,7 @@ PATCHES: dict[str, Patch] = {
 # Private attributes that exist on instances only (set in the owner's __init__): tests/test_patches.py builds one.
 INSTANCE_ONLY = {
     "PretrainedConfig._attn_implementation_internal",
+    "PreTrainedModel._loss_function",  # set by the public loss_function setter, not in __init__
     "SFTTrainer._total_train_tokens",
     "SFTTrainer._metrics",
     "SFTTrainer._tp_size",
@@ -298,6 +309,17 @@ def set_attr(obj, name: str, value) -> None:
             f"hf_seqpar: {type(obj).__name__}.{row.attr} is gone in the installed version ({versions()})"
         )
     setattr(obj, row.attr, value)
+
+
+def del_attr(obj, name: str) -> None:
+    """Delete the declared private attribute `name` of an upstream instance (one that hf_seqpar created by writing a
+    public field, such as PreTrainedModel.loss_function); a missing one raises, naming the versions."""
+    row = _row(name, PRIVATE)
+    if row.attr not in vars(obj):
+        raise RuntimeError(
+            f"hf_seqpar: {type(obj).__name__}.{row.attr} is gone in the installed version ({versions()})"
+        )
+    delattr(obj, row.attr)
 
 
 def read(obj, name: str, *default):
