@@ -25,6 +25,7 @@ from ..algorithms import sequence_parallel_attention
 from ..config import SeqParConfig
 from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
+from .loss import LossCountCheck
 from .memory import STATE_ATTR as MEMORY_ATTR
 from .memory import apply_memory_savings
 from .moe import SHARDED_FORWARD, install_router_loss
@@ -76,10 +77,12 @@ class SeqParState:
     _docs_cache: list = field(default_factory=lambda: [None, None, None])
     _stack: list = field(default_factory=list)
     rng: ShardedRng = field(init=False)  # forks the generators per SP rank in sharded training forwards (rng.py)
+    loss_count: LossCountCheck = field(init=False)  # does the loss take num_items_in_batch? (first sharded forward)
     attention: SeqParConfig = field(init=False)  # what the attention of one TP rank's heads runs (tp_size=1)
 
     def __post_init__(self):
         self.rng = ShardedRng(self.groups.sp_rank, self.groups.sp_size)
+        self.loss_count = LossCountCheck()
         self.attention = dataclasses.replace(self.config, tp_size=1)
 
     def documents(self, offsets: torch.Tensor, chunk: int | None = None):
@@ -101,23 +104,31 @@ class SeqParState:
             self._docs_cache[:] = [offsets, chunk, None if single_doc else tuple(rows)]
         return self._docs_cache[2]
 
-    def enter(self, kwargs: dict, training: bool = False) -> None:
+    def enter(self, model: torch.nn.Module, kwargs: dict) -> None:
         """Forward pre-hook: a sharded batch uses our attention, any other the original (masks built for it); a
-        sharded training forward draws its dropout masks from this SP rank's own stream."""
+        sharded training forward draws its dropout masks from this SP rank's own stream; a sharded forward given
+        labels and num_items_in_batch has its loss watched until one passes (loss.LossCountCheck)."""
         sharded = kwargs.get(DOCS_KEY) is not None
-        self.rng.enter(sharded and training)
+        self.rng.enter(sharded and model.training)
         self.current_docs = kwargs.get(DOCS_KEY)
         self._stack.append(([read(c, _IMPL) for c, _ in self.originals], SHARDED_FORWARD.get()))
         for cfg, original in self.originals:
             set_attr(cfg, _IMPL, self.impl if sharded else original)
         SHARDED_FORWARD.set((self, kwargs.get(REAL_TOKENS_KEY)) if sharded else None)
+        if sharded:
+            self.loss_count.enter(model, kwargs, len(self._stack))
 
-    def leave(self) -> None:
+    def leave(self, model: torch.nn.Module, output) -> None:
+        """Forward hook (also when the forward raised: `output` None): undo what `enter` switched, then the loss
+        check's verdict, which may refuse the model."""
+        depth = len(self._stack)
         self.rng.leave()
         impls, current = self._stack.pop()
         for (cfg, _), impl in zip(self.originals, impls, strict=True):
             set_attr(cfg, _IMPL, impl)
         SHARDED_FORWARD.set(current)
+        savings = getattr(model, MEMORY_ATTR, None)  # chunked_loss computes the loss itself, without loss_function
+        self.loss_count.leave(model, output, depth, own_loss=savings is not None and savings.config.chunked_loss)
 
 
 def _original_attention(module: torch.nn.Module, state: SeqParState):
@@ -329,20 +340,9 @@ def _has_indexer(model: torch.nn.Module) -> bool:
 def _check_forward(model: PreTrainedModel) -> None:
     """The causal LM's forward must take the loss count and global positions: without `num_items_in_batch` (or
     **kwargs to carry it) each rank averages its own shard; without `position_ids` each rank numbers its shard
-    from 0 (decoders of encoder-decoder models used alone take neither)."""
+    from 0 (decoders of encoder-decoder models used alone take neither). Whether its loss then divides by the count
+    is seen at the first sharded forward (loss.LossCountCheck)."""
     params = inspect.signature(type(model).forward).parameters
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError) as err:  # never a silent pass: what cannot be checked is refused
-        raise NotImplementedError(
-            f"hf_seqpar: cannot read {type(model).__name__}.forward's source to check that its loss takes "
-            f"num_items_in_batch ({err}); define the model class in a module file"
-        ) from None
-    if "labels" in params and not any(w in source for w in ("loss_function", "num_items_in_batch")):
-        raise NotImplementedError(
-            f"hf_seqpar: {type(model).__name__}.forward computes its own mean loss and never sees num_items_in_batch, "
-            "so under sequence parallelism each rank would average its own shard; this family is not supported"
-        )
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     missing = [n for n in ("num_items_in_batch", "position_ids") if n not in params]
@@ -399,8 +399,8 @@ def apply_sequence_parallel(model: torch.nn.Module, *, config: SeqParConfig, gro
         setattr(module, STATE_ATTR, state)
     for module in base.modules():  # the outer model and its inner decoder: nested calls are stacked
         if isinstance(module, PreTrainedModel):
-            pre = module.register_forward_pre_hook(lambda m, a, kw: state.enter(kw, m.training), with_kwargs=True)
-            post = module.register_forward_hook(lambda m, a, out: state.leave(), always_call=True)
+            pre = module.register_forward_pre_hook(lambda m, a, kw: state.enter(m, kw), with_kwargs=True)
+            post = module.register_forward_hook(lambda m, a, out: state.leave(m, out), always_call=True)
             state.hooks += [pre, post]
     setattr(base, STATE_ATTR, state)
     if config.tp_size > 1:  # weights split once; the split stays when SP is removed (plain TP then)
