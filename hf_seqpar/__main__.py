@@ -32,11 +32,11 @@ def run(argv: Sequence[str]) -> None:
     from .config import SeqParConfig
 
     config = SeqParConfig.from_env()
-    if config.sp_size > 1 or config.memory_savings:
+    if config.parallel_size > 1 or config.memory_savings:
         from .integrations.activate import activate  # imports transformers: only when there is something to do
 
         activate(config)
-    if config.sp_size == 1 and os.environ.get("RANK", "0") == "0":
+    if config.parallel_size == 1 and os.environ.get("RANK", "0") == "0":
         savings = f"; memory savings on: {', '.join(config.memory_savings)}" if config.memory_savings else ""
         print(f"hf_seqpar: sp_size=1, sequence parallelism is off{savings}", flush=True)
     try:

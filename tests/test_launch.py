@@ -471,3 +471,43 @@ def test_gpu_parallelism_matches_plain_run(assets, name):
     launch_sp(assets, f"{sp.name}_launch", 2, {"sp_size": 2, "mode": "ulysses"}, cmds[1], cluster=cluster)
     logs = [json.loads((out / "log.json").read_text()) if script == "trainer" else trl_log(out) for out in (sp, plain)]
     assert_same_curve(*logs)
+
+
+# ---- tensor parallelism x SP (tp_size in the section) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tp_trainer_run(assets):
+    """The Trainer script at world 4 = TP 2 x SP 2 (ring), saving a checkpoint every 2 steps."""
+    out = assets.root / "tp2_sp2_trainer"
+    cmd = train_cmd(assets, out, "--log_file", out / "log.json", "--save_steps", "2")
+    stdout = launch_sp(assets, "tp2_sp2_trainer_launch", 4, {"sp_size": 2, "tp_size": 2, "mode": "ring"}, cmd)
+    return SimpleNamespace(out=out, stdout=stdout, log=json.loads((out / "log.json").read_text()))
+
+
+@pytest.mark.slow  # 4 processes; make test keeps TP x SP through tests/test_tensor_parallel.py
+def test_trainer_script_tp2_sp2_matches_plain_run(tp_trainer_run, plain_trainer_log):
+    assert "world 4 = DP 1 x SP 2 (ulysses 1 x ring 2) x TP 2 (Megatron-SP)" in tp_trainer_run.stdout
+    assert_same_curve(tp_trainer_run.log, plain_trainer_log)
+    # the checkpoint holds the plain model's tensors, whole (gathered over the TP group)
+    from safetensors.torch import load_file
+
+    saved = load_file(tp_trainer_run.out / "checkpoint-2" / "model.safetensors")
+    plain = load_file(assets_model_file(tp_trainer_run))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in plain.items()}
+
+
+def assets_model_file(run) -> Path:
+    return run.out.parent / "model" / "model.safetensors"
+
+
+@pytest.mark.slow
+def test_tp_resume_from_checkpoint_reproduces_the_remaining_losses(assets, tp_trainer_run):
+    out = assets.root / "tp2_sp2_resumed"
+    shutil.copytree(tp_trainer_run.out / "checkpoint-2", out / "checkpoint-2")
+    cmd = train_cmd(assets, out, "--log_file", out / "log.json", "--resume_from_checkpoint", out / "checkpoint-2")
+    launch_sp(assets, "tp2_sp2_resumed_launch", 4, {"sp_size": 2, "tp_size": 2, "mode": "ring"}, cmd)
+    resumed = [row for row in json.loads((out / "log.json").read_text()) if row["step"] > 2]
+    uninterrupted = [row for row in tp_trainer_run.log if row["step"] > 2]
+    assert_same_curve(resumed, uninterrupted, steps=(3, 4))
+    assert (tp_trainer_run.out / "checkpoint-2" / "optimizer_tp1.pt").is_file()

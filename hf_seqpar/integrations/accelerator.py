@@ -35,6 +35,7 @@ from .evaluation import dp_gather_for_metrics, startup_line
 from .loaders import find_seqpar_collator, install_data_loader_hook
 from .memory import apply_memory_savings
 from .patches import install, installed, patch_instance, trainer_owned, uninstall, world_size
+from .tp_training import after_prepare
 from .transformers import DOCS_KEY, STATE_ATTR, apply_sequence_parallel
 
 LOOP_ATTR = "_hf_seqpar_loop"  # on a model switched for a training loop: its LoopState
@@ -48,11 +49,12 @@ def groups_for(config: SeqParConfig, cache: dict) -> SeqParGroups:
     drops a group's last reference: it would destroy gloo's group with the GIL held, which deadlocks when a gloo
     worker thread is still releasing tensors of a finished collective (pytorch/pytorch#56297)."""
     world = world_size()
-    if world % config.sp_size != 0:
+    if world % config.parallel_size != 0:
         hint = (
             " (this process is not in a distributed launch: use hf-seqpar launch, or torchrun)" if world == 1 else ""
         )
-        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world}{hint}")
+        what = f"sp_size={config.sp_size}" + (f" x tp_size={config.tp_size}" if config.tp_size > 1 else "")
+        raise ValueError(f"hf_seqpar: {what} must divide world_size={world}{hint}")
     if cache.get("world") is not dist.group.WORLD:
         cache.update(world=dist.group.WORLD, groups=init_groups(config))
     return cache["groups"]
@@ -88,7 +90,7 @@ def _pre_hook(state: LoopState):
         if kwargs.get("shift_labels") is None and kwargs.get("labels") is None:
             raise RuntimeError(
                 f"hf_seqpar: a sequence-parallel forward of {type(model).__name__} without labels: its logits hold "
-                f"only this rank's 1/{state.groups.sp_size} of each sequence (in layout order), so a loss or metric "
+                f"only this rank's 1/{state.groups.rows[2]} of each sequence (in layout order), so a loss or metric "
                 "computed from outputs.logits would not be the plain run's. Pass the batch's labels and use "
                 "outputs.loss (hf_seqpar makes it exact), or run without sequence parallelism"
             )
@@ -101,7 +103,7 @@ def _pre_hook(state: LoopState):
         targets = kwargs.get("shift_labels")
         targets = kwargs["labels"][..., 1:] if targets is None else targets
         count = (targets != IGNORE_INDEX).sum().reshape(1)
-        dist.all_reduce(count, group=state.groups.sp_group)
+        dist.all_reduce(count, group=state.groups.rows[0])  # tp_size > 1: each TP rank holds its piece's labels
         state.rescale = True
         # A group without any target: 0 (the plain mean would be NaN), never a division by zero.
         return args, {**kwargs, "num_items_in_batch": count.clamp(min=1)[0]}
@@ -121,9 +123,10 @@ def _post_hook(state: LoopState):
                 "outputs.loss, whose share per rank the unmodified-loop path does not rescale; set "
                 "output_router_logits=False, or train it with the Trainer"
             )
-        for_grad = loss * state.groups.sp_size  # DDP averages over dp * sp ranks; the plain run over dp
+        rows_group, _, rows_size = state.groups.rows
+        for_grad = loss * rows_size  # DDP averages over dp * sp * tp ranks; the plain run over dp
         group_mean = loss.detach().clone()
-        dist.all_reduce(group_mean, group=state.groups.sp_group)  # sum of local_sum / N_g: the group's mean
+        dist.all_reduce(group_mean, group=rows_group)  # sum of local_sum / N_g: the group's mean
         loss = for_grad + (group_mean - for_grad).detach()
         if isinstance(output, dict):
             output["loss"] = loss
@@ -159,7 +162,7 @@ def switch_for_loop(objects: tuple, config: SeqParConfig, groups: SeqParGroups |
     hooks; loaders whose collate_fn is no SequenceShardingCollator yet get one (with the first model's resolved
     config, so that mode='auto' picks the same split for data and attention)."""
     models = [obj for obj in objects if isinstance(obj, torch.nn.Module)]
-    if config.sp_size == 1:
+    if config.parallel_size == 1:
         for model in models:
             apply_memory_savings(model, config)
         return objects
@@ -189,13 +192,15 @@ def _switching_prepare(config: SeqParConfig, cache: dict):
         def prepare_sp(self, *args, **kwargs):
             if not trainer_owned(self):
                 groups = None
-                if config.sp_size > 1:
+                if config.parallel_size > 1:
                     groups = groups_for(config, cache)
                     if "gather_for_metrics" not in self.__dict__:  # eval values: each SP group's rows once
                         gather = dp_gather_for_metrics(self, groups)
                         patch_instance(self, {"Accelerator.gather_for_metrics": [lambda _: gather]})
                 switch_for_loop(args, config, groups)
-            return prepare(self, *args, **kwargs)
+            prepared = prepare(self, *args, **kwargs)
+            after_prepare(self, prepared)  # TP-split models (a Trainer's too): shard gradients, whole-model norm
+            return prepared
 
         setattr(prepare_sp, GROUPS_ATTR, cache)
         return prepare_sp
@@ -206,7 +211,7 @@ def _switching_prepare(config: SeqParConfig, cache: dict):
 def install_accelerator_hook(config: SeqParConfig) -> None:
     """Wrap `accelerate.Accelerator.prepare` so that every accelerator not owned by a Trainer switches what it
     prepares (see the module docstring). Another config replaces the wrap."""
-    if config.sp_size > 1:
+    if config.parallel_size > 1:
         install_data_loader_hook()
     install("Accelerator.prepare", _switching_prepare(config, {}), key=("accelerator", config))
 

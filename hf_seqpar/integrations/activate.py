@@ -17,11 +17,11 @@ def activate(config: SeqParConfig) -> None:
     savings the config asks for are switched on (every Trainer's and prepared model gets them). Idempotent for one
     config; a second call with another config replaces the first's hooks (the new config wins for what is built
     from then on), and a config with nothing to do removes them."""
-    if config.sp_size == 1 and not config.memory_savings:
+    if config.parallel_size == 1 and not config.memory_savings:
         uninstall("Trainer.__init__")
         uninstall_accelerator_hook()
         return
     install_accelerator_hook(config)
-    if config.sp_size > 1:
+    if config.parallel_size > 1:
         install_data_loader_hook()
     install_trainer_hook(config)  # with sp_size=1: the memory savings only

@@ -19,6 +19,7 @@ from .. import layout
 from ..config import SeqParConfig
 from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
+from .tensor_parallel import tp_piece
 
 IGNORE_INDEX = -100
 # Describe the FULL sequence, so a model would misread them next to sharded tensors; `seqpar_cu_seqlens` replaces
@@ -238,8 +239,7 @@ class SequenceShardingCollator:
         for key in {*seq_keys, "shift_labels", "position_ids"}.difference(_DROPPED, ["labels"]):
             batch[key] = layout.shard(batch[key], placement, self.groups.sp_rank, dim=1)
         if self.groups.tp_size > 1:  # the model computes the loss of this TP rank's piece only (tensor_parallel.py)
-            piece = batch["shift_labels"].shape[1] // self.groups.tp_size
-            batch["shift_labels"] = batch["shift_labels"].narrow(1, self.groups.tp_rank * piece, piece).contiguous()
+            batch["shift_labels"] = tp_piece(batch["shift_labels"], self.groups)
         batch["labels"] = batch["shift_labels"]  # a Trainer counting `labels` then counts each target once
         batch["seqpar_cu_seqlens"] = DocumentOffsets.from_padded(cu_seqlens)  # stays on the host: no sync to read it
         batch["seqpar_real_tokens"] = layout.shard(~pad, placement, self.groups.sp_rank, dim=1)  # MoE router stats

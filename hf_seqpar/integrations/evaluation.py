@@ -30,6 +30,7 @@ from ..mesh import SeqParGroups
 from .collator import IGNORE_INDEX, UNSHARDED_KEY, UnshardedRows
 from .loss import token_weighted_mean
 from .patches import set_attr, world_size
+from .tensor_parallel import gather_tp_pieces, tp_piece
 from .transformers import DOCS_KEY
 
 PROBE_POSITIONS = 32  # positions the per-token check of preprocess_logits_for_metrics re-runs on
@@ -49,9 +50,10 @@ class EvalState:
 def startup_line(config: SeqParConfig, groups: SeqParGroups, input_ids: torch.Tensor) -> str:
     ulysses, ring = config.split
     batch, seq_local = input_ids.shape
+    tp = f" x TP {groups.tp_size} (Megatron-SP)" if groups.tp_size > 1 else ""
     return (
         f"hf_seqpar: world {world_size()} = DP {groups.dp_size} x SP {groups.sp_size} (ulysses {ulysses} x ring "
-        f"{ring}), mode {config.mode}, layout {config.resolved_layout}, {batch * seq_local} tokens per rank "
+        f"{ring}){tp}, mode {config.mode}, layout {config.resolved_layout}, {batch * seq_local} tokens per rank "
         f"({batch} x {seq_local} of {seq_local * groups.sp_size})"
     )
 
@@ -66,13 +68,14 @@ def sp_group_eval_loss(
     the loss is this shard's token mean (TRL's prediction_step passes no count), and the whole rows' mean is the
     token-weighted mean over the SP group."""
     loss = loss.detach()
+    group, _, size = groups.rows  # with tp_size > 1 each TP rank computed its piece's loss
     if normalized_by_world:
         total = loss.clone()
-        dist.all_reduce(total, group=groups.sp_group)
-        return total / groups.sp_size
+        dist.all_reduce(total, group=group)
+        return total / size
     n_local = n_local.to(device=loss.device)
     local_sum = torch.where(n_local > 0, loss * n_local, torch.zeros_like(loss))  # an empty shard's mean is NaN
-    return token_weighted_mean(local_sum, n_local, group=groups.sp_group)
+    return token_weighted_mean(local_sum, n_local, group=group)
 
 
 def exact_compute_loss(trainer, state: EvalState, compute_loss):
@@ -125,8 +128,11 @@ def _map_sequence_tensors(obj, fn, shard_shape: tuple[int, int]):
     return obj
 
 
-def whole_rows(local: torch.Tensor, rows: UnshardedRows, state: EvalState) -> torch.Tensor:
-    """This rank's [B, S_local, ...] shard -> [B, S, ...] whole rows in the base batch's order, on every SP rank."""
+def whole_rows(local: torch.Tensor, rows: UnshardedRows, state: EvalState, piece: bool = True) -> torch.Tensor:
+    """This rank's [B, S_local, ...] shard -> [B, S, ...] whole rows in the base batch's order, on every SP rank.
+    `piece`: with tp_size > 1, `local` is this TP rank's piece of the shard (logits; model inputs are not)."""
+    if piece and state.groups.tp_size > 1:
+        local = gather_tp_pieces(local, state.groups)
     full = gather_sequence(local.contiguous(), config=state.config, groups=state.groups, dim=1)
     return rows.restore(full)
 
@@ -164,6 +170,7 @@ def _preprocessed(trainer, state: EvalState, logits, labels, rows: UnshardedRows
         if labels is not None:
             arranged = rows.arrange(labels, IGNORE_INDEX)
             shard_labels = shard_sequence(arranged, config=state.config, groups=state.groups, dim=1)
+            shard_labels = tp_piece(shard_labels, state.groups)
         preds = preprocess(logits, shard_labels)
         per_token = _is_per_token(preprocess, logits, shard_labels, preds, state.probe_rng)
         if _agree(per_token, logits.device):
@@ -202,12 +209,13 @@ def exact_prediction_step(trainer, state: EvalState, prediction_step):
         labels = None if rows.labels is None else rows.labels.to(trainer.args.device)
         if rows.labels is None:
             loss = None  # the plain batch has no labels, so the plain step computes no loss
-        shard_shape = tuple(sharded["input_ids"].shape[:2])
+        batch, seq_local = sharded["input_ids"].shape[:2]
+        shard_shape = (batch, seq_local // state.groups.tp_size)  # the logits of this TP rank's piece
         main_input = getattr(trainer.model, "main_input_name", "input_ids")
         if "inputs" in trainer.args.include_for_metrics and not prediction_loss_only and main_input in sharded:
             # eval_loop reads the model inputs for metrics from its own batch dict, after this step
             base = rows.input_ids if main_input == "input_ids" else None  # the padding ids the collator replaced
-            inputs[main_input] = base if base is not None else whole_rows(sharded[main_input], rows, state)
+            inputs[main_input] = base if base is not None else whole_rows(sharded[main_input], rows, state, False)
         if prediction_loss_only or logits is None:
             return loss, None if prediction_loss_only else logits, None if prediction_loss_only else labels
         if state.preprocess is not None:

@@ -108,8 +108,9 @@ def launch(argv: Sequence[str]) -> None:
         path, cluster = "cpu.yaml", {"distributed_type": "MULTI_CPU", "use_cpu": True}
     config = config or SeqParConfig.from_env()
     world = args.num_processes or cluster.get("num_processes")
-    if world and world > 0 and world % config.sp_size:
-        raise ValueError(f"hf_seqpar: sp_size={config.sp_size} must divide world_size={world} (num_processes)")
+    if world and world > 0 and world % config.parallel_size:
+        what = f"sp_size={config.sp_size}" + (f" x tp_size={config.tp_size}" if config.tp_size > 1 else "")
+        raise ValueError(f"hf_seqpar: {what} must divide world_size={world} (num_processes)")
 
     # Every worker runs `python -m hf_seqpar [-m] script args`: SP is switched on before the script's own code.
     script = [args.training_script, *args.training_script_args]

@@ -20,6 +20,8 @@ from ..algorithms import shard_sequence
 from .collator import UNSHARDED_KEY, UnshardedRows
 from .evaluation import EvalState
 from .patches import read, set_attr
+from .tensor_parallel import plain_parameter_ratio
+from .tp_training import base_of, tp_state_of
 
 
 def _sum_over_dp(count: int, state: EvalState, device) -> int:
@@ -69,7 +71,9 @@ def plain_flops(trainer, state: EvalState, floating_point_ops):
             return flops
         # The estimate is linear in the token count: SP rank 0 reports the whole rows' (no padding), the others 0.
         plain_tokens = rows.seq_len * main_input.shape[0]
-        return flops / main_input.numel() * plain_tokens if state.groups.sp_rank == 0 else 0.0
+        tp = tp_state_of(trainer.model)  # and in the parameter count, which tp_size > 1 splits
+        flops *= 1.0 if tp is None else plain_parameter_ratio(base_of(trainer.model), tp)
+        return flops / main_input.numel() * plain_tokens if state.groups.rows[1] == 0 else 0.0
 
     return floating_point_ops_sp
 
@@ -125,8 +129,8 @@ def plain_predict_steps(trainer, state: EvalState, predict):
 
 
 def per_sp_group(groups, total_batch_size):
-    """The total train batch size of the data-parallel world: the Trainer counts every rank."""
-    return lambda args: total_batch_size(args) // groups.sp_size
+    """The total train batch size of the data-parallel world: the Trainer counts every rank (TP ranks too)."""
+    return lambda args: total_batch_size(args) // groups.rows[2]
 
 
 def tokens_once(trainer, groups, track):

@@ -109,6 +109,18 @@ PATCHES: dict[str, Patch] = {
     "Trainer._track_num_input_tokens": Patch(
         INSTANCE, _T, "_track_num_input_tokens", ("inputs",), _I + "logs:plain_tokens / logs:tokens_once", _ATTACH
     ),
+    "Trainer.save_model": Patch(
+        INSTANCE, _T, "save_model", ("output_dir", "_internal_call"), _I + "tp_training:_whole_weights",
+        _ATTACH + " with tp_size > 1",
+    ),
+    "Trainer._save_optimizer_and_scheduler": Patch(
+        INSTANCE, _T, "_save_optimizer_and_scheduler", ("output_dir",), _I + "tp_training:_save_optimizer_pieces",
+        _ATTACH + " with tp_size > 1",
+    ),
+    "Trainer._load_optimizer_and_scheduler": Patch(
+        INSTANCE, _T, "_load_optimizer_and_scheduler", ("checkpoint",), _I + "tp_training:_load_optimizer_pieces",
+        _ATTACH + " with tp_size > 1",
+    ),
     "DPOTrainer._precompute_ref_logps": Patch(
         INSTANCE, _DPO, "_precompute_ref_logps", ("dataset", "name", "batch_size"),
         _I + "trl:_wrapping_forwards_first", _ATTACH + " of a DPO / KTO trainer", owners=(_KTO,),
@@ -116,6 +128,10 @@ PATCHES: dict[str, Patch] = {
     "Accelerator.gather_for_metrics": Patch(
         INSTANCE, _ACCELERATOR, "gather_for_metrics", ("input_data", "use_gather_object"),
         _I + "evaluation:dp_gather_for_metrics", _ATTACH + " (DPO / KTO); Accelerator.prepare of a loop",
+    ),
+    "Accelerator.clip_grad_norm_": Patch(
+        INSTANCE, _ACCELERATOR, "clip_grad_norm_", ("parameters", "max_norm", "norm_type"),
+        _I + "tp_training:_whole_norm", "Accelerator.prepare of a model split by tp_size > 1 (a Trainer's too)",
     ),
     "PreTrainedModel.forward (TRL fused head)": Patch(
         INSTANCE, _MODEL, "forward", (), _I + "trl:sharded_fused_forward",
@@ -162,6 +178,10 @@ PATCHES: dict[str, Patch] = {
     "PreTrainedModel._loss_function": Patch(
         PRIVATE, _MODEL, "_loss_function", (), "",
         "the loss-count check: where the loss_function setter stores the function (read, and deleted after the check)",
+    ),
+    "Trainer._save": Patch(
+        PRIVATE, _T, "_save", ("output_dir", "state_dict"), "",
+        "Trainer.save_model with tp_size > 1: writes the whole tensors it gathered",
     ),
     "SFTTrainer._total_train_tokens": Patch(
         PRIVATE, _SFT, "_total_train_tokens", (), "", "each training compute_loss of an SFTTrainer (num_tokens)"

@@ -25,6 +25,7 @@ from .accelerator import switch_for_loop
 from .collator import IGNORE_INDEX
 from .loaders import install_data_loader_hook
 from .patches import world_size
+from .tp_training import after_prepare
 
 
 class SequenceParallelPlugin:
@@ -43,16 +44,20 @@ class SequenceParallelPlugin:
 
         Collective: every rank calls it after the Accelerator exists (its process group is then initialised)."""
         self.accelerator = accelerator
-        if self.config.sp_size > 1:
+        if self.config.parallel_size > 1:
             world = world_size()
-            if world % self.config.sp_size:
-                raise ValueError(f"hf_seqpar: sp_size={self.config.sp_size} must divide world_size={world}")
+            if world % self.config.parallel_size:
+                raise ValueError(
+                    f"hf_seqpar: sp_size * tp_size={self.config.parallel_size} must divide world_size={world}"
+                )
             if self.groups is None:
                 self.groups = init_groups(self.config)
             install_data_loader_hook()
         # models (memory savings at any sp_size, the startup line) and collators, as the Accelerator.prepare hook does
         switch_for_loop(objects, self.config, self.groups)
-        return accelerator.prepare(*objects)
+        prepared = accelerator.prepare(*objects)
+        after_prepare(accelerator, prepared)  # a TP-split model: shard gradients, whole-model clip_grad_norm_
+        return prepared
 
     def num_items_in_batch(self, *batches) -> torch.Tensor:
         """Valid targets in `batches` (one optimizer step's micro-batches), summed over every rank of the world."""

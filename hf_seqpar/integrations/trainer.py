@@ -30,6 +30,7 @@ from .patches import (
     set_attr,
     versions,
 )
+from .tp_training import trainer_chains
 from .transformers import STATE_ATTR, apply_sequence_parallel
 from .trl import WHOLE_SEQUENCES, check_trl_trainer, check_whole_sequence_trainer, whole_sequence_chains
 
@@ -102,10 +103,15 @@ def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
     """Switch one freshly built Trainer to sequence parallelism (called at the end of `Trainer.__init__`; with
     sp_size=1, only to the memory savings the config asks for)."""
     # DPO / KTO take the whole-sequence path; the TRL trainers that cannot be exact are refused (by class) first
-    whole_sequences = config.sp_size > 1 and check_trl_trainer(trainer) == WHOLE_SEQUENCES
+    whole_sequences = config.parallel_size > 1 and check_trl_trainer(trainer) == WHOLE_SEQUENCES
+    if whole_sequences and config.tp_size > 1:
+        raise NotImplementedError(
+            f"hf_seqpar: {type(trainer).__name__} runs whole sequences on every rank, which tensor parallelism's "
+            "per-rank token pieces do not support; use tp_size=1 (sequence parallelism alone supports it)"
+        )
     mark_trainer_accelerator(trainer.accelerator)  # its prepare() calls see models and loaders switched here
     apply_memory_savings(trainer.model, config)  # chunked loss, tiled MLP, offload: what the config asks for, any path
-    if config.sp_size == 1:
+    if config.parallel_size == 1:
         return
     groups = groups_for(config, groups_cache)
     if whole_sequences:
@@ -148,6 +154,7 @@ def attach(trainer, config: SeqParConfig, groups_cache: dict) -> None:
         "Trainer.evaluation_loop": [functools.partial(exact_evaluation_loop, trainer, state)],
         "Trainer.call_model_init": [functools.partial(_switch_model_init, config, groups)],
         **log_chains(trainer, state),
+        **trainer_chains(trainer),  # tp_size > 1: whole checkpoints, per-TP-rank optimizer state
     }
     patch_instance(trainer, chains)
 
@@ -192,4 +199,5 @@ def install_trainer_hook(config: SeqParConfig) -> None:
     check_rows("accelerate.")
     # A second activation with another config replaces this hook (the sp_size=1 one too): the new one wins for every
     # Trainer built from then on.
-    install("Trainer.__init__", _attaching_init(config), key=("memory" if config.sp_size == 1 else "trainer", config))
+    kind = "memory" if config.parallel_size == 1 else "trainer"
+    install("Trainer.__init__", _attaching_init(config), key=(kind, config))
