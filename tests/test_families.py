@@ -1,9 +1,11 @@
-"""Every decoder-only family transformers ships: under SP each one is exact, or refused at apply_sequence_parallel.
+"""Every decoder-only family transformers ships: under SP each one is exact, or refused (at apply_sequence_parallel,
+or, for what only a forward shows, such as a loss that ignores num_items_in_batch, by the first sharded forward).
 
 `sweep_case` is one (family, mode, batch kind) on every rank of a 2-rank gloo group.  Reference: the unmodified
 tiny model (eager attention, float32) on each document alone; SP: the loss summed over ranks and the gradients
 all-reduced.  Outcomes: "exact"; "refused: <message>" (apply_sequence_parallel raised NotImplementedError or
-ValueError); "WRONG: <errors>"; "CRASH: <error and where>" for an exception inside forward/backward.
+ValueError, or the sharded forward raised an hf_seqpar NotImplementedError); "WRONG: <errors>"; "CRASH: <error and
+where>" for any other exception inside forward/backward.
 
 The full sweep (`make families`, tests/scripts/family_sweep.py) writes tests/family_support.json and README's
 support table; the default suite runs a representative subset, one family per distinct mechanism.
@@ -104,6 +106,13 @@ def sweep_case(family: str, mode: str, kind: str = "packed") -> str:
     dist.all_reduce(n_total)  # the Trainer's num_items_in_batch: every target counted once over the group
     try:  # both ranks run the same code on same-shaped shards, so a crash is normally symmetric
         loss = sp_model(**batch, num_items_in_batch=n_total).loss
+    except NotImplementedError as err:
+        if str(err).startswith("hf_seqpar:"):  # refused by the forward, before any gradient
+            return f"refused: {err}"
+        return "CRASH: " + _where(err)
+    except Exception as err:  # noqa: BLE001 - the outcome to report
+        return "CRASH: " + _where(err)
+    try:
         loss.backward()
     except Exception as err:  # noqa: BLE001 - the outcome to report
         return "CRASH: " + _where(err)
@@ -174,7 +183,8 @@ def test_padded_batch_parity(ranks):
 @pytest.mark.parametrize("family", [f for f in causal_lm_families() if f not in SKIPPED])
 @pytest.mark.parametrize("column", list(COLUMNS))
 def test_every_family(ranks, family, column):
-    """The issue's bar: every family ends exact, or refused at apply_sequence_parallel with an hf_seqpar reason."""
+    """The issue's bar: every family ends exact, or refused (at apply_sequence_parallel or by its first sharded
+    forward) with an hf_seqpar reason."""
     outcomes = ranks.run(sweep_case, family, *COLUMNS[column])
     assert outcomes[0] == outcomes[1], f"ranks disagree: {outcomes}"
     assert outcomes[0] == "exact" or outcomes[0].startswith("refused: hf_seqpar:"), outcomes[0]
