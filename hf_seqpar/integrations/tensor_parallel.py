@@ -337,7 +337,8 @@ def apply_tensor_parallel(model: torch.nn.Module, base: torch.nn.Module, groups:
 def tp_piece(x: torch.Tensor, groups: SeqParGroups, dim: int = 1) -> torch.Tensor:
     """This TP rank's contiguous piece of an SP shard along `dim` (the tokens whose loss it computes)."""
     length = x.shape[dim] // groups.tp_size
-    return x.narrow(dim, groups.tp_rank * length, length).contiguous()
+    # a copy, not a view: a view would keep the whole shard's storage alive (the embedding output, for backward)
+    return x.narrow(dim, groups.tp_rank * length, length).clone(memory_format=torch.contiguous_format)
 
 
 def gather_tp_pieces(piece: torch.Tensor, groups: SeqParGroups, dim: int = 1) -> torch.Tensor:
