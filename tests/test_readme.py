@@ -1,7 +1,7 @@
 """README's support tables are generated; these tests keep them in sync with their sources.
 
-- The deep-coverage table (every mode, LoRA) from what tests/test_models.py covers: regenerate with
-  `python tests/test_readme.py` and paste between the support-table markers.
+- The deep-coverage table (every mode, LoRA) from what tests/test_models.py covers, and the TP x SP table from
+  tests/test_tensor_parallel.py: regenerate with `python tests/test_readme.py` and paste between their markers.
 - The every-family table from the sweep snapshot tests/family_support.json: `make families` re-runs the sweep and
   rewrites both the snapshot and the table.
 """
@@ -16,11 +16,13 @@ from models_zoo import FAMILIES
 from test_families import COLUMNS as SWEEP_COLUMNS
 from test_families import snapshot
 from test_models import COVERAGE
+from test_tensor_parallel import COVERAGE as TP_COVERAGE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODES = ("ring", "allgather", "ulysses", "usp")
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 SWEEP_START, SWEEP_END = "<!-- family-sweep:start -->", "<!-- family-sweep:end -->"
+TP_START, TP_END = "<!-- tp-table:start -->", "<!-- tp-table:end -->"
 _MARK = {"exact": "✓", "refused": "refused", "WRONG": "**WRONG**", "CRASH": "**CRASH**", "build failed": "not built"}
 
 
@@ -55,6 +57,14 @@ def support_table() -> str:
         cells = ["✓" if (family, m) in covered else "" for m in MODES]
         lora_modes = ", ".join(m for m in MODES if (family, m) in lora) or ""
         lines.append(f"| {family} | {_features(family)} | " + " | ".join(cells) + f" | {lora_modes} |")
+    return "\n".join(lines)
+
+
+def tp_table() -> str:
+    """The TP x SP parity cases of tests/test_tensor_parallel.py (world 4 = TP 2 x SP 2 against the plain model)."""
+    lines = ["| case | families | modes |", "|---|---|---|"]
+    for case, spec in TP_COVERAGE.items():
+        lines.append(f"| {case} | {', '.join(spec['families'])} | {', '.join(spec['modes'])} |")
     return "\n".join(lines)
 
 
@@ -116,5 +126,14 @@ def test_readme_support_table_is_current():
     assert current == support_table(), "README support table is stale: run `python tests/test_readme.py`"
 
 
+def test_readme_tp_table_is_current():
+    text = README.read_text()
+    assert TP_START in text and TP_END in text, "README lost its tp-table markers"
+    current = text.split(TP_START, 1)[1].split(TP_END, 1)[0].strip()
+    assert current == tp_table(), "README TP table is stale: run `python tests/test_readme.py`"
+
+
 if __name__ == "__main__":
     print(support_table())
+    print()
+    print(tp_table())
