@@ -24,12 +24,12 @@ _GROUPS: dict = {}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _setup(mode: str, tp: int, sp: int, ulysses_size=None):
+def _setup(mode: str, tp: int, sp: int, ulysses_size=None, **savings):
     cfg = hf_seqpar.SeqParConfig(sp_size=sp, tp_size=tp, mode=mode, ulysses_size=ulysses_size)
     key = (mode, tp, sp, ulysses_size)
     if key not in _GROUPS:
         _GROUPS[key] = hf_seqpar.init_groups(cfg)
-    return cfg, _GROUPS[key]
+    return hf_seqpar.SeqParConfig(**{**cfg.__dict__, **savings}), _GROUPS[key]
 
 
 def _lora(model, dropout=0.0):
@@ -52,8 +52,10 @@ def _full_grad(grad: torch.Tensor, plain_shape, groups) -> torch.Tensor:
     return torch.cat(pieces, dim)
 
 
-def _body_tp_parity(family, mode, kind, tp=2, sp=2, lora=False, bf16=False, ulysses_size=None, checkpointing=False):
-    cfg, groups = _setup(mode, tp, sp, ulysses_size)
+def _body_tp_parity(
+    family, mode, kind, tp=2, sp=2, lora=False, bf16=False, ulysses_size=None, checkpointing=False, savings=None
+):
+    cfg, groups = _setup(mode, tp, sp, ulysses_size, **(savings or {}))
     ref_model, tp_model = tiny_model(family), tiny_model(family)
     if lora:
         ref_model, tp_model = _lora(ref_model), _lora(tp_model)
@@ -129,6 +131,13 @@ def test_tp_sp_lora(ranks, family, mode):
 @pytest.mark.parametrize("ranks", [4], indirect=True)
 def test_tp_sp_bf16_autocast_checkpointing(ranks):
     _check(ranks.run(_body_tp_parity, "llama", "ring", "packed", lora=True, bf16=True, checkpointing=True), bf16=True)
+
+
+@pytest.mark.parametrize("ranks", [4], indirect=True)
+def test_tp_sp_with_memory_savings(ranks):
+    """What a long-context recipe runs: chunked loss, tiled MLP and recomputed norms inside the TP blocks."""
+    savings = {"chunked_loss": True, "tiled_mlp": True, "recompute_norms": True}
+    _check(ranks.run(_body_tp_parity, "llama", "ring", "packed", lora=True, checkpointing=True, savings=savings))
 
 
 def test_tp_only(ranks):
