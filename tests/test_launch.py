@@ -511,3 +511,11 @@ def test_tp_resume_from_checkpoint_reproduces_the_remaining_losses(assets, tp_tr
     uninterrupted = [row for row in tp_trainer_run.log if row["step"] > 2]
     assert_same_curve(resumed, uninterrupted, steps=(3, 4))
     assert (tp_trainer_run.out / "checkpoint-2" / "optimizer_tp1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_trl_sft_script_with_lora_tp2_sp2_matches_plain_run(assets, plain_sft_logs):
+    out = assets.root / "tp2_sp2_sft"
+    section = {"sp_size": 2, "tp_size": 2, "mode": "ulysses"}
+    launch_sp(assets, f"{out.name}_launch", 4, section, sft_cmd(assets, out, True))
+    assert_same_curve(trl_log(out), plain_sft_logs(True))
