@@ -297,3 +297,16 @@ def test_unmodified_accelerate_loop_dp2_sp2_matches_plain_ddp(assets):
     assert "world 4 = DP 2 x SP 2" in stdout
     worst = _worst(json.loads((out / "log.json").read_text()), plain)
     assert max(worst.values()) <= LAUNCH_RTOL, worst
+
+
+@pytest.mark.slow
+def test_unmodified_accelerate_loop_tp2_sp2_matches_plain_run(assets, plain_loop_logs):
+    """tp_size in the section: DDP keeps the split weights out, clip_grad_norm_ measures the whole model."""
+    out = assets.root / "tp_loop"
+    out.mkdir()
+    args = _loop_args(assets, out, "--mixed_precision", "no")
+    section = {"sp_size": 2, "tp_size": 2, "mode": "ring"}
+    stdout = test_launch.launch_sp(assets, "tp_loop_launch", 4, section, args)
+    assert "world 4 = DP 1 x SP 2 (ulysses 1 x ring 2) x TP 2" in stdout
+    worst = _worst(json.loads((out / "log.json").read_text()), plain_loop_logs("no"))
+    assert max(worst.values()) <= LAUNCH_RTOL, worst

@@ -173,7 +173,10 @@ def _body_ddp_step(family="llama", max_norm=0.05):
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
     plain_shapes = {n: p.shape for n, p in ref_model.named_parameters()}
 
+    optimizer = torch.optim.SGD(tp_model.parameters(), lr=0.1)  # built before the split, as accelerate loops do
     hf_seqpar.apply_sequence_parallel(tp_model, config=cfg, groups=groups)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in tp_model.parameters()), "the split made parameters the optimizer does not hold"
     ddp = torch.nn.parallel.DistributedDataParallel(tp_model)
     state = tp_state(tp_model)
     reduce_shard_grads(ddp, state, dist.get_world_size())

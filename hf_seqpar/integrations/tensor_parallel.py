@@ -209,14 +209,15 @@ def _check_model(model: torch.nn.Module, name: str) -> None:
         )
 
 
-def _split(param: torch.nn.Parameter, dim: int, rank: int, size: int, what: str) -> torch.nn.Parameter:
+def _split(param: torch.nn.Parameter, dim: int, rank: int, size: int, what: str) -> None:
     if param.shape[dim] % size:
         raise ValueError(
             f"hf_seqpar: tp_size={size} must divide {what}'s {param.shape[dim]} features (weight "
             f"{tuple(param.shape)}, split along dim {dim}); use a tp_size dividing it"
         )
-    piece = param.detach().chunk(size, dim)[rank].clone()
-    return torch.nn.Parameter(piece, requires_grad=param.requires_grad)
+    # In place: the Parameter object stays the one an optimizer built before the split (accelerate loops build it
+    # before prepare) holds; only its data becomes this rank's piece.
+    param.data = param.detach().chunk(size, dim)[rank].clone()
 
 
 def _shard_linear(path: str, module: torch.nn.Module, style: str, state: TensorParallelState) -> dict[str, int]:
@@ -225,12 +226,12 @@ def _shard_linear(path: str, module: torch.nn.Module, style: str, state: TensorP
     dim = SHARD_DIM[style]
     linear = module.base_layer if hasattr(module, "base_layer") else module
     split = {}
-    linear.weight = _split(linear.weight, dim, rank, size, path)
+    _split(linear.weight, dim, rank, size, path)
     prefix = f"{path}.base_layer" if linear is not module else path
     split[f"{prefix}.weight"] = dim
     if linear.bias is not None:
         if style == "colwise":
-            linear.bias = _split(linear.bias, 0, rank, size, path)
+            _split(linear.bias, 0, rank, size, path)
             split[f"{prefix}.bias"] = 0
         else:  # added once: every rank adds bias / size to the partial sums the reduce-scatter adds up
             state.hooks.append(linear.register_forward_hook(lambda m, a, out: out - m.bias * (1 - 1 / size)))
@@ -240,12 +241,12 @@ def _shard_linear(path: str, module: torch.nn.Module, style: str, state: TensorP
             raise NotImplementedError(f"hf_seqpar: {path} uses DoRA, which tp_size > 1 does not split; use LoRA")
         factors = module.lora_B if style == "colwise" else module.lora_A
         for adapter, factor in factors.items():
-            factor.weight = _split(factor.weight, dim, rank, size, f"{path} LoRA")
+            _split(factor.weight, dim, rank, size, f"{path} LoRA")
             factor.out_features, factor.in_features = factor.weight.shape
             kind = "lora_B" if style == "colwise" else "lora_A"
             split[f"{path}.{kind}.{adapter}.weight"] = dim
             if factor.bias is not None and style == "colwise":
-                factor.bias = _split(factor.bias, 0, rank, size, f"{path} LoRA bias")
+                _split(factor.bias, 0, rank, size, f"{path} LoRA bias")
                 split[f"{path}.{kind}.{adapter}.bias"] = 0
         if style == "rowwise":
             for adapter, drop in list(module.lora_dropout.items()):
