@@ -350,3 +350,33 @@ def test_dp2_tp2_sp2(ranks, family, mode, lora):
 @pytest.mark.parametrize("ranks", [8], indirect=True)
 def test_tp2_sp4_usp(ranks):
     _check(ranks.run(_body_tp_parity, "llama", "usp", "packed", tp=2, sp=4, ulysses_size=2))
+
+
+def _body_checkpoint_roundtrip():
+    """Saved whole: a TP-split model's state dict (gathered) is the plain model's, LoRA adapters included; loading
+    the plain model's state dict into a split model cuts each tensor back to this rank's piece."""
+    from hf_seqpar.integrations.tensor_parallel import full_state_dict, tp_state
+
+    cfg, groups = _setup("ring", 2, 2)
+    plain, split = _lora(tiny_model("llama")), _lora(tiny_model("llama"))
+    hf_seqpar.apply_sequence_parallel(split, config=cfg, groups=groups)
+    state = tp_state(split.get_base_model())
+    whole = full_state_dict(split, state, trainable_only=False)
+    expected = plain.state_dict()
+    same_saved = sorted(whole) == sorted(expected) and all(torch.equal(whole[k], expected[k]) for k in expected)
+    adapters = full_state_dict(split, state, trainable_only=True)
+    only_adapters = sorted(adapters) == sorted(n for n, p in plain.named_parameters() if p.requires_grad)
+    fresh = _lora(tiny_model("llama", seed=5))
+    hf_seqpar.apply_sequence_parallel(fresh, config=cfg, groups=groups)
+    fresh.load_state_dict(expected)
+    pairs = zip(fresh.state_dict().values(), split.state_dict().values(), strict=True)
+    reloaded = all(torch.equal(a, b) for a, b in pairs)
+    return same_saved, only_adapters, reloaded
+
+
+@pytest.mark.parametrize("ranks", [4], indirect=True)
+def test_checkpoint_is_the_plain_models_and_loads_back(ranks):
+    for rank, (same_saved, only_adapters, reloaded) in enumerate(ranks.run(_body_checkpoint_roundtrip)):
+        assert same_saved, f"rank {rank}: the gathered state dict is not the plain model's"
+        assert only_adapters, f"rank {rank}: trainable_only did not keep exactly the adapter weights"
+        assert reloaded, f"rank {rank}: loading the plain state dict did not give this rank's pieces"
