@@ -59,8 +59,8 @@ def _body_tp_parity(
     ref_model, tp_model = tiny_model(family), tiny_model(family)
     if lora:
         ref_model, tp_model = _lora(ref_model), _lora(tp_model)
-    if checkpointing:
-        tp_model.gradient_checkpointing_enable({"use_reentrant": False})
+    if checkpointing:  # "reentrant" as the Trainer's default, or torch's non-reentrant kind
+        tp_model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
     features, kind, sequences = _rows(kind)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with autocast:
@@ -130,7 +130,8 @@ def test_tp_sp_lora(ranks, family, mode):
 
 @pytest.mark.parametrize("ranks", [4], indirect=True)
 def test_tp_sp_bf16_autocast_checkpointing(ranks):
-    _check(ranks.run(_body_tp_parity, "llama", "ring", "packed", lora=True, bf16=True, checkpointing=True), bf16=True)
+    results = ranks.run(_body_tp_parity, "llama", "ring", "packed", lora=True, bf16=True, checkpointing="reentrant")
+    _check(results, bf16=True)
 
 
 @pytest.mark.parametrize("ranks", [4], indirect=True)
@@ -380,3 +381,22 @@ def test_checkpoint_is_the_plain_models_and_loads_back(ranks):
         assert same_saved, f"rank {rank}: the gathered state dict is not the plain model's"
         assert only_adapters, f"rank {rank}: trainable_only did not keep exactly the adapter weights"
         assert reloaded, f"rank {rank}: loading the plain state dict did not give this rank's pieces"
+
+
+def _body_unsharded_forward():
+    """A batch that did not come from the collator (generate, a plain prompt) runs plain TP on every rank: the
+    plain model's logits and tokens."""
+    cfg, groups = _setup("ring", 2, 2)
+    plain, split = tiny_model("llama").eval(), tiny_model("llama").eval()
+    hf_seqpar.apply_sequence_parallel(split, config=cfg, groups=groups)
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits_error = (split(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
+    generated = split.generate(ids, max_new_tokens=5, do_sample=False)
+    return logits_error, torch.equal(generated, plain.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+@pytest.mark.parametrize("ranks", [4], indirect=True)
+def test_unsharded_forward_and_generate_are_the_plain_models(ranks):
+    for rank, (logits_error, same_tokens) in enumerate(ranks.run(_body_unsharded_forward)):
+        assert logits_error < 1e-5 and same_tokens, f"rank {rank}: logits error {logits_error}, tokens {same_tokens}"
