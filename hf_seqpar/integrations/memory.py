@@ -12,12 +12,14 @@ instance-level `forward` (bound, so that accelerate's autocast wrapper and `insp
 - tiled_mlp, on each decoder layer's MLP: `hf_seqpar.memory.tiled_apply` over the sequence.
 - offload_checkpoints, on the decoder: its training forward runs under `CheckpointOffloader.saving()`, so the layer
   inputs that gradient checkpointing keeps wait in (pinned) host memory.
-- recompute_norms, on each RMSNorm of the decoder: the norm runs under non-reentrant checkpointing, so its float32
-  intermediates are not kept (only its input, which the residual stream holds anyway) and are recomputed in backward.
+- recompute_norms, on each RMSNorm of the decoder: the norm runs over sequence chunks (`hf_seqpar.memory.
+  chunked_rowwise`), so its float32 intermediates are not kept (only its input, which the residual stream holds
+  anyway), and its backward recomputes and differentiates one chunk at a time: the float32 temporaries of one chunk.
 - recompute_lora_inputs, on each PEFT LoRA linear: the adapter branch, lora_B(lora_A(dropout(x))) * scaling, runs
   under non-reentrant checkpointing, so the float32 copy of the input that PEFT makes for float32 adapters on a bf16
   model (one per adapted linear) is not kept; the cast and lora_A are recomputed in backward (r columns: cheap).
-  Checkpointing recomputes the same ops on the same values (and replays the dropout's RNG), so both are exact.
+  Both recompute the same ops on the same values (checkpointing replays the dropout's RNG), so both are exact; a
+  trainable norm weight's gradient is summed over the norm's chunks in float32 (equal to float rounding).
 
 What a saving cannot reproduce exactly is refused here, when it is applied, with a message that starts `hf_seqpar:`.
 """
@@ -43,6 +45,7 @@ STATE_ATTR = "_hf_seqpar_memory"
 LOSS_CHUNK_BYTES = 32 << 20  # float32 logits of one loss chunk: 262 tokens at a 32K vocabulary, 64 at 128K
 MIN_LOSS_CHUNK_TOKENS = 64
 MIN_MLP_CHUNK_TOKENS = 256  # an MLP chunk is max(this, hidden_size) tokens: its intermediates ~ one weight matrix
+NORM_CHUNK_BYTES = 16 << 20  # float32 copy of one recomputed norm's chunk: 1,024 tokens at hidden 4,096
 
 # model_type -> how the family's ForCausalLM.forward turns lm_head's output into the logits of its loss. Each entry was
 # read in the family's source and is checked against the plain forward in tests/test_memory.py.
@@ -122,18 +125,23 @@ def apply_memory_savings(
     *,
     loss_chunk_tokens: int | None = None,
     mlp_chunk_tokens: int | None = None,
+    norm_chunk_rows: int | None = None,
     offload_min_bytes: int = DEFAULT_MIN_BYTES,
 ) -> torch.nn.Module:
     """Switch on `config.chunked_loss`, `config.tiled_mlp`, `config.offload_checkpoints` for `model` (in place).
 
     Independent of sequence parallelism (any sp_size); idempotent. The chunk sizes default to about 32 MiB of float32
-    logits per loss chunk and max(256, hidden_size) tokens per MLP chunk."""
+    logits per loss chunk, max(256, hidden_size) tokens per MLP chunk and 16 MiB of a norm's float32 input per norm
+    chunk (`norm_chunk_rows`: vectors the norm normalizes, a token's hidden state or one head's)."""
     if not config.memory_savings:  # nothing to switch on: any module passes, savings applied before are undone
         base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
         return remove_memory_savings(model) if hasattr(base, STATE_ATTR) else model
     base = _unwrap(model)
     options = dict(
-        loss_chunk_tokens=loss_chunk_tokens, mlp_chunk_tokens=mlp_chunk_tokens, offload_min_bytes=offload_min_bytes
+        loss_chunk_tokens=loss_chunk_tokens,
+        mlp_chunk_tokens=mlp_chunk_tokens,
+        norm_chunk_rows=norm_chunk_rows,
+        offload_min_bytes=offload_min_bytes,
     )
     current: MemoryState | None = getattr(base, STATE_ATTR, None)
     if current is not None:
@@ -155,7 +163,7 @@ def apply_memory_savings(
     for mlp in mlps:
         _install(state, mlp, functools.partial(_tiled_mlp_forward, mlp_chunk))
     for norm in norms:
-        _install(state, norm, _recomputed_forward)
+        _install(state, norm, functools.partial(_recomputed_forward, norm_chunk_rows))
     for lora in loras:
         _install(state, lora, _lora_recomputed_input_forward)
     if decoder is not None:
@@ -344,13 +352,21 @@ def _layer_norms(base) -> list[torch.nn.Module]:
     return [m for m in _decoder(base, "recompute_norms").modules() if type(m).__name__.endswith("RMSNorm")]
 
 
-def _recomputed_forward(original):
-    def forward(self, hidden_states, *args, **kwargs):
-        if args or kwargs or not (torch.is_grad_enabled() and hidden_states.requires_grad):
-            return original(hidden_states, *args, **kwargs)
-        from torch.utils.checkpoint import checkpoint
+def _recomputed_forward(chunk_rows, original):
+    """The norm over sequence chunks (`hf_seqpar.memory.chunked_rowwise`): it keeps its input only, and its backward
+    recomputes and differentiates one chunk at a time, so that its float32 temporaries are those of one chunk."""
 
-        return checkpoint(original, hidden_states, use_reentrant=False)
+    def forward(self, hidden_states, *args, **kwargs):
+        grads = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if args or kwargs or not grads or hidden_states.dim() < 2:
+            return original(hidden_states, *args, **kwargs)
+        from ..memory import chunked_rowwise
+
+        row = hidden_states.shape[-1]  # a chunk's float32 copy is about NORM_CHUNK_BYTES
+        chunk = chunk_rows * row if chunk_rows else max(row, NORM_CHUNK_BYTES // 4)
+        return chunked_rowwise(original, hidden_states, list(self.parameters()), chunk_elements=chunk)
 
     return forward
 
