@@ -6,9 +6,10 @@ process group: the tensor-parallel group's all-gathers and reduce-scatters, and 
 collectives on the SP group. The formulas (per rank; T = tp_size, X = B * S_sp * hidden * e the bytes of one block's
 gathered input, S_sp the tokens of an SP shard, e the activation's bytes):
   TP, per layer   forward 2 all-gathers + 2 reduce-scatters (attention and MLP blocks), (T-1)/T * X each;
-                  backward the same four (their transposes); gradient checkpointing (non-reentrant) adds the
-                  recompute's 2 all-gathers + 1 reduce-scatter (the MLP's reduce-scatter is not rerun: its output is
-                  saved by nothing, and the recompute stops once the saved tensors are back)
+                  backward the same four (their transposes); gradient checkpointing adds the recompute's
+                  2 all-gathers + 1 reduce-scatter (non-reentrant, transformers' default: the MLP's reduce-scatter is
+                  not rerun, its output is saved by nothing and the recompute stops once the saved tensors are back)
+                  or 2 + 2 (reentrant: the whole layer again)
   SP, per layer   comm_volume's formula for an attention call over S_sp tokens with the TP rank's H/T and H_kv/T heads
 ratio = measured / formula; 1.00 means no byte beyond the formula.
 
@@ -46,43 +47,43 @@ SHAPE = {  # a tiny Llama whose heads split over TP 2 or 4 and then Ulysses 2
     "head_dim": 16,
     "vocab_size": 256,
 }
-# (world, tp_size, mode, gradient checkpointing)
-CASES = [(4, 2, "ring", False), (4, 2, "ring", True), (4, 2, "ulysses", False), (4, 2, "allgather", True),
-         (2, 2, "ring", False), (4, 4, "ring", True)]  # fmt: skip
+# (world, tp_size, mode, gradient checkpointing: None, "non-reentrant" or "reentrant")
+CASES = [(4, 2, "ring", None), (4, 2, "ring", "non-reentrant"), (4, 2, "ring", "reentrant"), (4, 2, "ulysses", None),
+         (4, 2, "allgather", "non-reentrant"), (2, 2, "ring", None), (4, 4, "ring", "non-reentrant")]  # fmt: skip
 
 
-def formula(mode: str, tp: int, sp: int, seq: int, grad_ckpt: bool, e: int, layers: int = SHAPE["num_hidden_layers"],
+def formula(mode: str, tp: int, sp: int, seq: int, ckpt: str | None, e: int, layers: int = SHAPE["num_hidden_layers"],
             batch: int = 1) -> dict:  # fmt: skip
-    """{'tp': (forward, backward), 'sp': (forward, backward)} bytes one rank sends in one step."""
+    """{'tp': (forward, backward), 'sp': (forward, backward)} bytes one rank sends in one step; the backward holds
+    the recompute's collectives under gradient checkpointing."""
     h, heads, kv, d = (SHAPE[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
-    fwd, bwd, recompute = tp_comm_bytes_per_layer(tp, batch, seq // sp, h, e)
-    out = {"tp": (layers * sum(fwd.values()), layers * (sum(bwd.values()) + (sum(recompute.values()) if grad_ckpt
-                                                                             else 0)))}  # fmt: skip
-    if sp > 1:
+    fwd, bwd, recompute = tp_comm_bytes_per_layer(tp, batch, seq // sp, h, e, reentrant=ckpt == "reentrant")
+    again = sum(recompute.values()) if ckpt else 0
+    out = {"tp": (layers * sum(fwd.values()), layers * (sum(bwd.values()) + again))}
+    if sp > 1:  # the recompute repeats the attention's forward
         afwd, abwd = comm_bytes_per_layer(mode, sp, 1, batch, seq // sp, heads // tp, kv // tp, d, e, 4)
-        out["sp"] = (layers * sum(afwd.values()), layers * (sum(abwd.values()) + (sum(afwd.values()) if grad_ckpt
-                                                                                   else 0)))  # fmt: skip
+        out["sp"] = (layers * sum(afwd.values()), layers * (sum(abwd.values()) + (sum(afwd.values()) if ckpt else 0)))
     return out
 
 
-def _model(dtype: torch.dtype, grad_ckpt: bool):
+def _model(dtype: torch.dtype, ckpt: str | None):
     import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False, attention_dropout=0.0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype).train()
-    if grad_ckpt:
-        model.activation_checkpointing_enable({"use_reentrant": False})  # transformers' default
+    if ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": ckpt == "reentrant"})
     return model
 
 
-def measure(mode: str, tp: int, seq: int, dtype: str, grad_ckpt: bool, groups=None) -> dict:
+def measure(mode: str, tp: int, seq: int, dtype: str, ckpt: str | None, groups=None) -> dict:
     """On every rank of an initialised world of sp x tp ranks: one training step's bytes sent, by group."""
     world = dist.get_world_size()
     sp = world // tp
     cfg = hf_seqpar.SeqParConfig(sp_size=sp, tp_size=tp, mode=mode)
     groups = groups or hf_seqpar.init_groups(cfg)
-    model = _model(getattr(torch, dtype), grad_ckpt)
+    model = _model(getattr(torch, dtype), ckpt)
     hf_seqpar.apply_sequence_parallel(model, config=cfg, groups=groups)
     ids = torch.randint(3, SHAPE["vocab_size"], (seq,), generator=torch.Generator().manual_seed(1))
 
@@ -98,10 +99,10 @@ def measure(mode: str, tp: int, seq: int, dtype: str, grad_ckpt: bool, groups=No
         loss = model(**batch, num_items_in_batch=torch.tensor(seq - 1)).loss
     with SentBytes(label) as bwd:
         loss.backward()
-    want = formula(mode, tp, sp, seq, grad_ckpt, DTYPE_BYTES[dtype])
+    want = formula(mode, tp, sp, seq, ckpt, DTYPE_BYTES[dtype])
     measured = {g: (int(fwd.by_group.get(g, 0)), int(bwd.by_group.get(g, 0))) for g in want}
     return {
-        "world": world, "tp": tp, "sp": sp, "mode": mode, "grad_ckpt": grad_ckpt, "seq": seq, "dtype": dtype,
+        "world": world, "tp": tp, "sp": sp, "mode": mode, "checkpointing": ckpt, "seq": seq, "dtype": dtype,
         "measured": measured, "formula": want,
         "by_collective": {"fwd": {k: int(v) for k, v in fwd.sent.items()},
                           "bwd": {k: int(v) for k, v in bwd.sent.items()}},
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
                 f"{m[1] / 2**20:7.3f} MiB ({row['formula'][g][1] / 2**20:7.3f})"
                 for g, m in row["measured"].items()
             )
-            print(f"TP {row['tp']} x SP {row['sp']} {row['mode']:<9} ckpt {'on ' if row['grad_ckpt'] else 'off'} "
+            print(f"TP {row['tp']} x SP {row['sp']} {row['mode']:<9} ckpt {row['checkpointing'] or 'off':<13} "
                   f"{parts}   {'= formula' if row['equal'] else 'DIFFERS'}", flush=True)  # fmt: skip
     report = {
         "machine": machine_name("cpu"),

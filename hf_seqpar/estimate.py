@@ -143,16 +143,17 @@ def comm_bytes_per_layer(mode, world, ulysses, batch, local, heads, kv_heads, he
     return {"all_to_all": int(a2a), "ring": int(fwd)}, {"all_to_all": int(a2a), "ring": int(bwd)}
 
 
-def tp_comm_bytes_per_layer(tp, batch, sp_tokens, hidden, elem):
+def tp_comm_bytes_per_layer(tp, batch, sp_tokens, hidden, elem, reentrant=False):
     """(forward, backward, recompute) bytes one TP rank sends per decoder layer through the Megatron-SP regions
     (integrations/tensor_parallel.py): each of the two blocks (attention, MLP) all-gathers its input
     [batch, sp_tokens / tp, hidden] -> [batch, sp_tokens, hidden] and reduce-scatters its output back, (tp-1)/tp of
     the gathered tensor's bytes each (ring algorithm). Backward: the transposes, the same bytes. Recompute (gradient
-    checkpointing): both all-gathers and the attention block's reduce-scatter (the MLP block's output is saved by
-    nothing, and the non-reentrant recompute stops once the saved tensors are back)."""
+    checkpointing): both all-gathers and the attention block's reduce-scatter, since the MLP block's output is saved
+    by nothing and torch's non-reentrant recompute (transformers' default) stops once the saved tensors are back;
+    a reentrant one reruns the whole layer, the MLP's reduce-scatter too."""
     each = Fraction(tp - 1, tp) * batch * sp_tokens * hidden * elem
     both = {"all_gather": int(2 * each), "reduce_scatter": int(2 * each)}
-    return both, dict(both), {"all_gather": int(2 * each), "reduce_scatter": int(each)}
+    return both, dict(both), {"all_gather": int(2 * each), "reduce_scatter": int((2 if reentrant else 1) * each)}
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------------

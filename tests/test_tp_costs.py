@@ -19,7 +19,7 @@ _GROUPS: dict = {}
 TOLERANCE = 0.15  # the estimator's bound (tests/test_estimate.py); measured agreement at TP 2 x SP 2 is within 2%
 
 
-def _body_tp_bytes(mode, grad_ckpt):
+def _body_tp_bytes(mode, ckpt):
     import torch.distributed as dist
 
     import hf_seqpar
@@ -31,13 +31,13 @@ def _body_tp_bytes(mode, grad_ckpt):
     sp = dist.get_world_size() // 2
     if mode not in _GROUPS:
         _GROUPS[mode] = hf_seqpar.init_groups(hf_seqpar.SeqParConfig(sp_size=sp, tp_size=2, mode=mode))
-    return tp_comm_volume.measure(mode, 2, 64, "bfloat16", grad_ckpt, groups=_GROUPS[mode])
+    return tp_comm_volume.measure(mode, 2, 64, "bfloat16", ckpt, groups=_GROUPS[mode])
 
 
 @pytest.mark.parametrize("ranks", [4], indirect=True)
-@pytest.mark.parametrize("mode,grad_ckpt", [("ring", True), ("ulysses", False)])
-def test_tp_sp_bytes_equal_the_formula(ranks, mode, grad_ckpt):
-    for rank, row in enumerate(ranks.run(_body_tp_bytes, mode, grad_ckpt)):
+@pytest.mark.parametrize("mode,ckpt", [("ring", "non-reentrant"), ("ring", "reentrant"), ("ulysses", None)])
+def test_tp_sp_bytes_equal_the_formula(ranks, mode, ckpt):
+    for rank, row in enumerate(ranks.run(_body_tp_bytes, mode, ckpt)):
         assert row["measured"] == row["formula"], f"rank {rank}: {row}"
         assert row["unlabelled"] == 0, f"rank {rank}: bytes on a group that is neither TP nor SP: {row}"
         assert row["measured"]["tp"][0] > 0 and row["measured"]["sp"][0] > 0
