@@ -59,7 +59,7 @@ def _body_tp_parity(
     ref_model, tp_model = tiny_model(family), tiny_model(family)
     if lora:
         ref_model, tp_model = _lora(ref_model), _lora(tp_model)
-    if checkpointing:  # "reentrant" as the Trainer's default, or torch's non-reentrant kind
+    if checkpointing:  # "reentrant" (torch's older kind) or the non-reentrant one transformers defaults to
         tp_model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
     features, kind, sequences = _rows(kind)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
