@@ -164,7 +164,8 @@ def _body_ddp_step(family="llama", max_norm=0.05):
     """What accelerate and the Trainer do with a TP-split model: DDP over the world (split parameters kept out and
     reduced over their shard's ranks), the loss scaled by the world size, clip_grad_norm_ over the whole model.
     The clipped gradients and the norm must be the plain model's."""
-    from hf_seqpar.integrations.tensor_parallel import clip_grad_norm, reduce_shard_grads, tp_state
+    from hf_seqpar.integrations.tensor_parallel import tp_state
+    from hf_seqpar.integrations.tp_weights import clip_grad_norm, reduce_shard_grads
 
     cfg, groups = _setup("ring", 2, 2)
     ref_model, tp_model = tiny_model(family), tiny_model(family)
@@ -356,7 +357,8 @@ def test_tp2_sp4_usp(ranks):
 def _body_checkpoint_roundtrip():
     """Saved whole: a TP-split model's state dict (gathered) is the plain model's, LoRA adapters included; loading
     the plain model's state dict into a split model cuts each tensor back to this rank's piece."""
-    from hf_seqpar.integrations.tensor_parallel import full_state_dict, tp_state
+    from hf_seqpar.integrations.tensor_parallel import tp_state
+    from hf_seqpar.integrations.tp_weights import full_state_dict
 
     cfg, groups = _setup("ring", 2, 2)
     plain, split = _lora(tiny_model("llama")), _lora(tiny_model("llama"))

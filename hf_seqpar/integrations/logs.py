@@ -20,8 +20,8 @@ from ..algorithms import shard_sequence
 from .collator import UNSHARDED_KEY, UnshardedRows
 from .evaluation import EvalState
 from .patches import read, set_attr
-from .tensor_parallel import plain_parameter_ratio
 from .tp_training import base_of, tp_state_of
+from .tp_weights import plain_parameter_ratio
 
 
 def _sum_over_dp(count: int, state: EvalState, device) -> int:

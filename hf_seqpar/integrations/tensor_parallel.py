@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..algorithms._compat import all_gather_flat, reduce_scatter_flat
 from ..mesh import SeqParGroups
+from .tp_weights import TensorParallelState, keep_out_of_ddp, load_piece_hook
 
 logger = logging.getLogger("hf_seqpar")
 TP_ATTR = "_hf_seqpar_tp"  # on the base model: its TensorParallelState
@@ -138,22 +139,6 @@ class PieceDropout(torch.nn.Module):
         keep = torch.empty((*x.shape[:-1], width * self.size), device=x.device, dtype=x.dtype)
         keep = keep.bernoulli_(1 - self.p).narrow(-1, self.rank * width, width)
         return x * keep / (1 - self.p)
-
-
-class TensorParallelState:
-    """The TP layout of one model: its groups, plan, and the parameters it split."""
-
-    def __init__(self, groups: SeqParGroups, plan: dict[str, str]):
-        self.groups, self.plan = groups, plan
-        self.sharded: dict[str, int] = {}  # parameter name (relative to the base model) -> split dimension
-        self.params: dict[int, torch.nn.Parameter] = {}  # id -> the split parameters themselves
-        self.dims: dict[int, int] = {}  # id of a split parameter -> its split dimension
-        self.hooks: list = []
-        self.reducing = False  # grad hooks of a data-parallel wrap installed (see reduce_shard_grads)
-
-    @property
-    def size(self) -> int:
-        return self.groups.tp_size
 
 
 def tp_plan(model: torch.nn.Module) -> dict[str, str]:
@@ -329,8 +314,8 @@ def apply_tensor_parallel(model: torch.nn.Module, base: torch.nn.Module, groups:
     state.dims = {id(named[n]): dim for n, dim in state.sharded.items()}
     owners = {id(m): m for n in state.sharded for m in [base.get_submodule(n.rpartition(".")[0])]}
     for owner in owners.values():
-        state.hooks.append(owner.register_load_state_dict_pre_hook(_load_piece_hook(state)))
-    _keep_out_of_ddp(model, base, state)
+        state.hooks.append(owner.register_load_state_dict_pre_hook(load_piece_hook(state)))
+    keep_out_of_ddp(model, base, state)
     base.__dict__[TP_ATTR] = state
     logger.info("hf_seqpar: %s split over tp_size=%d (%d linears)", name, groups.tp_size, len(linears))
 
@@ -347,119 +332,5 @@ def gather_tp_pieces(piece: torch.Tensor, groups: SeqParGroups, dim: int = 1) ->
     return _all_gather(piece.detach(), groups.tp_group, groups.tp_size, dim)
 
 
-def plain_parameter_ratio(base: torch.nn.Module, state: TensorParallelState) -> float:
-    """The plain model's non-embedding parameter count over this rank's (the Trainer's FLOP estimate counts them)."""
-    local = base.num_parameters(exclude_embeddings=True)
-    return (local + sum(p.numel() for p in state.params.values()) * (state.size - 1)) / local
-
-
 def tp_state(base: torch.nn.Module) -> TensorParallelState | None:
     return base.__dict__.get(TP_ATTR)
-
-
-def _keep_out_of_ddp(model: torch.nn.Module, base: torch.nn.Module, state: TensorParallelState) -> None:
-    """DistributedDataParallel over the world would broadcast rank 0's shards over every TP rank at construction
-    and average different shards together: the split parameters are declared ignored (torch's documented switch
-    for parameters a wrapper syncs itself), on every module the user may hand to DDP."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    for owner in {id(model): model, id(base): base}.values():
-        names = [n for n, p in owner.named_parameters() if id(p) in state.params]
-        ignored = set(getattr(owner, "_ddp_params_and_buffers_to_ignore", ()))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(owner, sorted(ignored | set(names)))
-
-
-def reduce_shard_grads(ddp: torch.nn.Module, state: TensorParallelState, world: int) -> None:
-    """After a data-parallel wrap (DDP averages the other parameters over the world): each split parameter's
-    gradient is summed over the dp x sp ranks that hold the same shard and divided by the world size, which is what
-    the world average does for a replicated parameter whose loss is scaled by the world size (DESIGN.md)."""
-    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
-    kept = [n for n, p in ddp.module.named_parameters() if id(p) in state.params and n not in ignored]
-    if kept:
-        raise RuntimeError(
-            f"hf_seqpar: DistributedDataParallel would average the tensor-parallel shards {kept[:3]} over every "
-            "rank; the model was wrapped before hf_seqpar split it. Switch the model before accelerator.prepare"
-        )
-    if state.reducing:
-        return
-    state.reducing = True
-    group = state.groups.shard_grad_group
-
-    def reduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=group)
-        return grad / world
-
-    for param in state.params.values():
-        if param.requires_grad:
-            state.hooks.append(param.register_hook(reduce))
-
-
-def clip_grad_norm(parameters, max_norm: float, norm_type: float, state: TensorParallelState) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` over a TP-split model: the norm of the whole model's gradient (split
-    parameters' squares summed over the TP group; replicated ones, equal on every rank, counted once), the same
-    clip coefficient on every rank."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norm_type = float(norm_type)
-    shard_ids = {id(p.grad) for p in state.params.values() if p.grad is not None}
-    split = [g for g in grads if id(g) in shard_ids]
-    whole = [g for g in grads if id(g) not in shard_ids]
-    device = grads[0].device
-
-    def total(gs, reduce_op):
-        if not gs:
-            return torch.zeros((), device=device)
-        if norm_type == float("inf"):
-            return torch.stack([g.detach().abs().max().float() for g in gs]).max()
-        return sum(g.detach().float().pow(norm_type).sum() for g in gs)
-
-    if norm_type == float("inf"):
-        split_part = total(split, None).reshape(1)
-        dist.all_reduce(split_part, op=dist.ReduceOp.MAX, group=state.groups.tp_group)
-        norm = torch.maximum(split_part[0], total(whole, None))
-    else:
-        split_part = total(split, None).reshape(1)
-        dist.all_reduce(split_part, group=state.groups.tp_group)
-        norm = (split_part[0] + total(whole, None)).pow(1 / norm_type)
-    coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.detach().mul_(coefficient.to(g.dtype))
-    return norm
-
-
-def full_state_dict(model: torch.nn.Module, state: TensorParallelState, trainable_only: bool) -> dict:
-    """`model.state_dict()` with every split tensor gathered whole over the TP group: what the plain model saves
-    (collective: every rank calls it). `trainable_only`: the parameters that train only (a PEFT adapter's)."""
-    out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if trainable_only and not getattr(tensor, "requires_grad", False):
-            continue
-        dim = state.dims.get(id(tensor))
-        if dim is not None:
-            pieces = [torch.empty_like(tensor.detach()) for _ in range(state.size)]
-            dist.all_gather(pieces, tensor.detach().contiguous(), group=state.groups.tp_group)
-            tensor = torch.cat(pieces, dim)
-        out[name] = tensor.detach()
-    return out
-
-
-def _load_piece_hook(state: TensorParallelState):
-    """A state_dict load pre-hook: a whole (plain model's) tensor arriving for a split parameter is cut to this
-    rank's piece, so checkpoints saved whole (`full_state_dict`) load into the split model."""
-
-    def cut(module, state_dict, prefix, *args):
-        for key, param in list(module.named_parameters(recurse=False)):
-            dim = state.dims.get(id(param))
-            incoming = state_dict.get(prefix + key)
-            if dim is None or incoming is None or incoming.shape == param.shape:
-                continue
-            if incoming.shape[dim] != param.shape[dim] * state.size:
-                raise ValueError(
-                    f"hf_seqpar: {prefix}{key} of shape {tuple(incoming.shape)} cannot be split over tp_size="
-                    f"{state.size} into {tuple(param.shape)}"
-                )
-            state_dict[prefix + key] = incoming.chunk(state.size, dim)[state.groups.tp_rank].clone()
-
-    return cut

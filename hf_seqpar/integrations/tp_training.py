@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .patches import patch_instance, read
-from .tensor_parallel import TensorParallelState, clip_grad_norm, full_state_dict, reduce_shard_grads, tp_state
+from .tensor_parallel import TensorParallelState, tp_state
+from .tp_weights import clip_grad_norm, full_state_dict, reduce_shard_grads
 
 OPTIMIZER_PIECE = "optimizer_tp{rank}.pt"  # the optimizer state of TP rank > 0 (rank 0's is the Trainer's own)
 
