@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_name  # noqa: E402
+from machine import write_gloo_report  # noqa: E402
 
 import hf_seqpar  # noqa: E402
 from hf_seqpar.estimate import comm_bytes_per_layer  # noqa: E402
@@ -216,15 +215,7 @@ def main(argv=None) -> dict:
                 f"{row['bwd_ratio_range'][0]:.2f}-{row['bwd_ratio_range'][1]:.2f})",
                 flush=True,
             )
-    report = {
-        "machine": machine_name("cpu"),
-        "torch": torch.__version__,
-        "backend": "gloo",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "results": rows,
-    }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_gloo_report(opts, rows)
     drew = plot(report, opts.out.with_suffix(".png"))
     print(f"wrote {opts.out}" + (f" and {opts.out.with_suffix('.png')}" if drew else ""))
     return report

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -20,3 +22,19 @@ def machine_name(device: torch.device | str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     return f"{cpu_name()} x{os.cpu_count()} cores"
+
+
+def write_gloo_report(opts, results: list, **extra) -> dict:
+    """A multi-process CPU (gloo) benchmark's results file at `opts.out`: the machine, torch, what it measured
+    (`extra`), the run's settings and rows."""
+    report = {
+        "machine": machine_name("cpu"),
+        "torch": torch.__version__,
+        "backend": "gloo",
+        **extra,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "results": results,
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report

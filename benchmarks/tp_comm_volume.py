@@ -20,7 +20,6 @@ Writes benchmarks/results/tp_comm_volume.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comm_volume import SentBytes  # noqa: E402
-from machine import machine_name  # noqa: E402
+from machine import write_gloo_report  # noqa: E402
 
 import hf_seqpar  # noqa: E402
 from hf_seqpar.estimate import DTYPE_BYTES, comm_bytes_per_layer, tp_comm_bytes_per_layer  # noqa: E402
@@ -145,16 +144,7 @@ def main(argv=None) -> dict:
             )
             print(f"TP {row['tp']} x SP {row['sp']} {row['mode']:<9} ckpt {row['checkpointing'] or 'off':<13} "
                   f"{parts}   {'= formula' if row['equal'] else 'DIFFERS'}", flush=True)  # fmt: skip
-    report = {
-        "machine": machine_name("cpu"),
-        "torch": torch.__version__,
-        "backend": "gloo",
-        "shape": SHAPE,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "results": rows,
-    }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_gloo_report(opts, rows, shape=SHAPE)
     print(f"wrote {opts.out}")
     return report
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/tp_memory_cpu.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory  # noqa: E402
-from machine import machine_name  # noqa: E402
+from machine import write_gloo_report  # noqa: E402
 
 from hf_seqpar.estimate import ModelShape, estimate_memory  # noqa: E402
 
@@ -90,16 +89,7 @@ def main(argv=None) -> dict:
             print(f"TP {tp} x SP {WORLD // tp} {config:<6} measured {max(peaks) / 2**20:7.1f} MiB (ranks "
                   f"{min(peaks) / 2**20:.1f}-{max(peaks) / 2**20:.1f})  estimate {est / 2**20:7.1f} MiB  "
                   f"estimate / measured {row['ratio']:.3f}", flush=True)  # fmt: skip
-    report = {
-        "machine": machine_name("cpu"),
-        "torch": torch.__version__,
-        "backend": "gloo",
-        "shape": SHAPE,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "results": rows,
-    }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_gloo_report(opts, rows, shape=SHAPE)
     print(f"wrote {opts.out}")
     return report
 
