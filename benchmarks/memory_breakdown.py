@@ -17,6 +17,7 @@ again, which is what the offload does on a GPU (on a CPU host and device are one
 shapes and lifetimes (any length and layer count in seconds: the same bookkeeping, no numbers), for the GPU's lengths.
 
 Usage: python benchmarks/memory_breakdown.py [--device cpu|meta] [--layers 1] [--seq 4096] [--savings ...]
+       [--mlp-chunk-tokens N]
 Writes benchmarks/results/memory_breakdown_<device>.json (one entry per run, keyed by its settings) and prints the
 "bytes per token by component" table of BENCHMARKS.md.
 """
@@ -157,8 +158,8 @@ def _meta_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _no_autocast_on_meta() -> None:
-    """Meta runs only: the chunked loss reads and restores the autocast state of the tensors' device, which torch
-    does not define for 'meta'; there it is off."""
+    """Meta runs only: the chunked loss and the chunked norms (recompute_norms) read and restore the autocast state of
+    the tensors' device (`chunked_loss._autocast_state`), which torch does not define for 'meta'; there it is off."""
     import contextlib
 
     from hf_seqpar.memory import chunked_loss
@@ -192,7 +193,7 @@ def build(opts):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()  # what Trainer does for PEFT + checkpointing
     savings = {name: True for name in opts.savings.split(",") if name}
-    apply_memory_savings(model, hf_seqpar.SeqParConfig(sp_size=1, **savings))
+    apply_memory_savings(model, hf_seqpar.SeqParConfig(sp_size=1, **savings), mlp_chunk_tokens=opts.mlp_chunk_tokens)
     ids = torch.randint(0, config.vocab_size, (1, opts.seq), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids.to(opts.device), "labels": ids.to(opts.device)}
     return model, batch
@@ -305,6 +306,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--savings", default="chunked_loss,tiled_mlp,offload_checkpoints")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mlp-chunk-tokens", type=int, default=None,
+                        help="tiled_mlp's tile (default max(256, hidden) = 4,096): smaller lets a CPU run at a few K "
+                             "tokens show the layer's other peaks instead of one whole-sequence tile")  # fmt: skip
     parser.add_argument("--top", type=int, default=0, help="also print the N largest labels at the peak")
     opts = parser.parse_args(argv)
     result = run(opts)
@@ -312,6 +316,7 @@ def main(argv=None) -> dict:
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     stored.update(machine=machine_name("cpu"), torch=torch.__version__)
     key = f"layers={opts.layers} seq={opts.seq} savings={opts.savings}"
+    key += f" mlp_chunk_tokens={opts.mlp_chunk_tokens}" if opts.mlp_chunk_tokens else ""
     stored["runs"][key] = {**result, "components": components(result["at_peak"])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(stored, indent=1) + "\n")

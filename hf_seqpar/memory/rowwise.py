@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .chunked_loss import _add_into, _autocast_state
+from . import chunked_loss
+from .chunked_loss import _add_into
 
 
 class ChunkedRowwise(torch.autograd.Function):
@@ -37,7 +38,7 @@ class ChunkedRowwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, dim, chunk, *params):
         ctx.fn, ctx.dim, ctx.chunk = fn, dim, chunk
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = chunked_loss._autocast_state(x.device.type)  # one definition (memory_breakdown's meta runs)
         out = None
         for start in range(0, x.shape[dim], chunk):
             part = fn(x.narrow(dim, start, min(chunk, x.shape[dim] - start)))
