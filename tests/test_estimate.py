@@ -145,7 +145,7 @@ def test_lora_estimate_agrees_with_the_gpu_run():
         assert abs(got / tokens / measured - 1) < 0.10, (layers, tokens, offload, got / tokens)
     cut = estimate_memory(base, 131072, 1, lora=True, tiled_mlp=True, offload=True, recompute_norms=True,
                           recompute_lora_inputs=True)  # fmt: skip
-    assert abs(cut["step_peak_chunked"] / 131072 / 152.3e3 - 1) < 0.01  # memory_breakdown --device meta, 32 layers
+    assert abs(cut["step_peak_chunked"] / 131072 / 96.9e3 - 1) < 0.03  # memory_breakdown --device meta, 32 layers
     assert cut["host_bytes"] == 32 * 131072 * 2 * 4096
 
 

@@ -111,6 +111,7 @@ def test_config_fields_defaults_and_keyword_only():
     fields = {f.name: f.default for f in dataclasses.fields(hf_seqpar.SeqParConfig)}
     assert fields == {
         "sp_size": 1,
+        "tp_size": 1,
         "mode": "ring",
         "ulysses_size": None,
         "ring_size": None,

@@ -61,14 +61,17 @@ def _lora_layer_peak(m: ModelShape, e: int, *, offload: bool, norms: bool, lora_
     tokens: the peak is the post-attention RMSNorm's backward while the attention half's recompute is alive):
     attention output, its float32 logsumexp and the residual adds; PEFT's float32 copies of the q, k, v, o inputs
     (recompute_lora_inputs: gone); the norms' float32 inputs (recompute_norms: the input norm's output only); the
-    norm backward's float32 temporaries (five hidden-sized, one more when the norm is recomputed).
+    norm backward's float32 temporaries (five hidden-sized; with recompute_norms one sequence chunk's, and the peak
+    holds o_proj's recompute instead).
     Per token of this rank's piece under tensor parallelism: what lives on a block's gathered input (PEFT's copies of
     the q, k, v, gate, up inputs; the gathered input itself) is tp times larger, the head- and width-split rest not."""
     h, q, kv, f = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, 4
     attention = e * (2 * h + kv) + 4 * m.heads
     copies = e * kv + (0 if lora_inputs else f * (3 * h * tp + q))
     norm_saved = e * h if norms else 2 * f * h
-    norm_backward = 5 * f * h + e * h + (f * h if norms else 0)
+    # recompute_norms: the chunked norm backward holds one chunk's temporaries, so the peak term is the incoming
+    # gradient plus o_proj's recompute (its output and LoRA's float32 delta and its scaled copy)
+    norm_backward = e * h + (e * h + 2 * f * h if norms else 5 * f * h)
     gathered = (tp - 1) * e * h  # a block's all-gathered input beyond the piece's own share
     attention_half = attention + copies + norm_saved + norm_backward + gathered
     mlp = 0 if tiled else e * 4 * m.mlp_active + (0 if lora_inputs else f * (2 * h * tp + m.mlp_active))
