@@ -402,3 +402,27 @@ def _body_unsharded_forward():
 def test_unsharded_forward_and_generate_are_the_plain_models(ranks):
     for rank, (logits_error, same_tokens) in enumerate(ranks.run(_body_unsharded_forward)):
         assert logits_error < 1e-5 and same_tokens, f"rank {rank}: logits error {logits_error}, tokens {same_tokens}"
+
+
+def test_trainer_places_a_model_only_once_it_is_split():
+    """With tp_size > 1 the Trainer's __init__ must not move the whole model to the GPU (a 70B would not fit one):
+    the move waits for the split (tp_training.split_models_only / move_split_model)."""
+    from hf_seqpar.integrations.patches import patch_instance
+    from hf_seqpar.integrations.tensor_parallel import TP_ATTR
+    from hf_seqpar.integrations.tp_training import move_split_model, split_models_only
+
+    class FakeTrainer:  # the two attributes the hook uses, named as transformers' Trainer has them
+        def __init__(self, model):
+            self.model, self.moves = model, []
+
+        def _move_model_to_device(self, model, device):
+            self.moves.append(device)
+
+    model = tiny_model("llama")
+    trainer = FakeTrainer(model)
+    patch_instance(trainer, {"Trainer._move_model_to_device": [split_models_only]})
+    trainer._move_model_to_device(model, "cuda:3")  # what Trainer.__init__ does before attach
+    assert trainer.moves == []
+    model.__dict__[TP_ATTR] = object()  # attach split it
+    move_split_model(trainer)
+    assert trainer.moves == ["cuda:3"]

@@ -109,6 +109,10 @@ PATCHES: dict[str, Patch] = {
     "Trainer._track_num_input_tokens": Patch(
         INSTANCE, _T, "_track_num_input_tokens", ("inputs",), _I + "logs:plain_tokens / logs:tokens_once", _ATTACH
     ),
+    "Trainer._move_model_to_device": Patch(
+        INSTANCE, _T, "_move_model_to_device", ("model", "device"), _I + "tp_training:split_models_only",
+        "Trainer.__init__ with tp_size > 1 (before the stock init: the whole model is not placed before the split)",
+    ),
     "Trainer.save_model": Patch(
         INSTANCE, _T, "save_model", ("output_dir", "_internal_call"), _I + "tp_training:_whole_weights",
         _ATTACH + " with tp_size > 1",

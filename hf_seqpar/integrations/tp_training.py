@@ -113,6 +113,28 @@ def _load_optimizer_pieces(trainer, state: TensorParallelState, load):
     return load_tp
 
 
+def split_models_only(move):
+    """`Trainer._move_model_to_device` with tp_size > 1: a model not split yet (the Trainer's __init__ places it
+    before hf_seqpar's attach splits it) stays where it is until `move_split_model`; a split one moves."""
+
+    def move_when_split(model, device):
+        if tp_state_of(model) is None:
+            move_when_split.deferred = device
+            return None
+        return move(model, device)
+
+    move_when_split.deferred = None  # where the Trainer's __init__ wanted the unsplit model
+    return move_when_split
+
+
+def move_split_model(trainer) -> None:
+    """After attach: the placement the Trainer's __init__ asked for, now of the split model."""
+    move = trainer._move_model_to_device
+    device, move.deferred = move.deferred, None
+    if device is not None:
+        move(trainer.model, device)
+
+
 def trainer_chains(trainer) -> dict:
     """The Trainer methods a TP-split model needs rewired (trainer.attach applies them with the others)."""
     state = tp_state_of(trainer.model)

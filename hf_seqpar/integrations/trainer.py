@@ -30,7 +30,7 @@ from .patches import (
     set_attr,
     versions,
 )
-from .tp_training import trainer_chains
+from .tp_training import move_split_model, split_models_only, trainer_chains
 from .transformers import STATE_ATTR, apply_sequence_parallel
 from .trl import WHOLE_SEQUENCES, check_trl_trainer, check_whole_sequence_trainer, whole_sequence_chains
 
@@ -164,8 +164,12 @@ def _attaching_init(config: SeqParConfig):
 
     def make_wrapper(init):
         def __init__(self, *args, **kwargs):
+            if config.tp_size > 1:  # the whole model must not reach the GPU before it is split (a 70B would not fit)
+                patch_instance(self, {"Trainer._move_model_to_device": [split_models_only]})
             init(self, *args, **kwargs)
             attach(self, config, groups_cache)
+            if config.tp_size > 1:
+                move_split_model(self)
 
         setattr(__init__, CONFIG_ATTR, config)
         setattr(__init__, GROUPS_ATTR, groups_cache)
