@@ -21,12 +21,8 @@ UPSTREAM = {"transformers", "accelerate", "trl", "peft", "datasets"}
 # Names hf_seqpar's integrations give to upstream instances (a Trainer, its Accelerator and TrainingArguments, a
 # model, its config, a module of it): assigning an attribute through them patches an upstream object.
 INSTANCE_NAMES = {"trainer", "accelerator", "args", "model", "base", "lm", "module", "cfg", "config", "text_config"}
-# Writes that stay where they are, each with its reason. memory.py's savings give modules an instance forward
-# through their own `_install` (and take it back): declared as a row, applied there until the memory-savings work
-# on that file lands (then through patches.patch_instance).
+# Writes that stay where they are, each with its reason.
 ALLOWED = {
-    ("hf_seqpar.integrations.memory", "_install"): "row 'PreTrainedModel.forward (memory savings)'",
-    ("hf_seqpar.integrations.memory", "remove_memory_savings"): "row 'PreTrainedModel.forward (memory savings)'",
     ("hf_seqpar.integrations.launch", "_as_multi_process_cpu"): "hf-seqpar launch's own parsed command line",
     ("hf_seqpar.integrations.launch", "launch"): "hf-seqpar launch's own parsed command line",
 }
@@ -221,7 +217,19 @@ def test_only_patches_py_writes_upstream_objects(path):
 
 def test_allowed_writes_name_declared_rows():
     rows = [reason.split("'")[1] for reason in ALLOWED.values() if reason.startswith("row ")]
-    assert rows and all(row in PATCHES for row in rows)
+    assert all(row in PATCHES for row in rows)
+
+
+def test_instance_forwards_are_bound_through_declared_rows_only():
+    import torch
+
+    module, x = torch.nn.Linear(2, 2), torch.ones(1, 2)
+    with pytest.raises(KeyError, match="no instance row"):
+        patches.bind_forward("Linear.forward", module, lambda self, x: x)
+    patches.bind_forward("PreTrainedModel.forward (memory savings)", module, lambda self, x: x * 0)
+    assert torch.equal(module(x), torch.zeros(1, 2))
+    patches.unbind_forward("PreTrainedModel.forward (memory savings)", module, None)
+    assert "forward" not in vars(module) and not torch.equal(module(x), torch.zeros(1, 2))
 
 
 # ---- the config is resolved once per model on a Trainer launch path ---------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -39,9 +38,11 @@ from ..config import SeqParConfig
 from ..memory import CheckpointOffloader, causal_lm_loss, chunked_target_log_probs
 from ..memory.chunked_loss import IGNORE_INDEX
 from ..memory.offload import DEFAULT_MIN_BYTES
+from .patches import bind_forward, unbind_forward
 
 logger = logging.getLogger("hf_seqpar")
 STATE_ATTR = "_hf_seqpar_memory"
+SAVINGS_ROW = "PreTrainedModel.forward (memory savings)"  # the PATCHES row of every instance forward given here
 LOSS_CHUNK_BYTES = 32 << 20  # float32 logits of one loss chunk: 262 tokens at a 32K vocabulary, 64 at 128K
 MIN_LOSS_CHUNK_TOKENS = 64
 MIN_MLP_CHUNK_TOKENS = 256  # an MLP chunk is max(this, hidden_size) tokens: its intermediates ~ one weight matrix
@@ -94,7 +95,7 @@ def _install(state: MemoryState, module: torch.nn.Module, make_forward) -> None:
             )
         return saving_forward(self, *args, **kwargs)
 
-    module.forward = types.MethodType(forward, module)
+    bind_forward(SAVINGS_ROW, module, forward)
     state.patched.append((module, forward, previous))
 
 
@@ -111,10 +112,7 @@ def remove_memory_savings(model: torch.nn.Module) -> torch.nn.Module:
                 f"hf_seqpar: {type(module).__name__}.forward was wrapped again after apply_memory_savings (by "
                 f"{current!r}); remove that wrapper first"
             )
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
+        unbind_forward(SAVINGS_ROW, module, previous)
     delattr(base, STATE_ATTR)
     return model
 

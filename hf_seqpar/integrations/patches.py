@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import types
 
 import torch.distributed as dist
 
@@ -333,6 +334,22 @@ def set_attr(obj, name: str, value) -> None:
             f"hf_seqpar: {type(obj).__name__}.{row.attr} is gone in the installed version ({versions()})"
         )
     setattr(obj, row.attr, value)
+
+
+def bind_forward(name: str, module, forward) -> None:
+    """Give one upstream module (a model, decoder, MLP, norm, LoRA linear) the instance `forward` of row `name`:
+    `forward(self, ...)` bound to it, in place of the class's (or an earlier instance forward)."""
+    _row(name, INSTANCE)
+    module.forward = types.MethodType(forward, module)
+
+
+def unbind_forward(name: str, module, previous) -> None:
+    """Undo `bind_forward`: put back the instance forward the module had before (`previous`), or the class's."""
+    _row(name, INSTANCE)
+    if previous is None:
+        del module.forward
+    else:
+        module.forward = previous
 
 
 def del_attr(obj, name: str) -> None:
