@@ -156,7 +156,7 @@ def test_readme_token_arithmetic_is_the_recipes():
         assert per_shard * sp_size == tokens and per_rank * tp_size == per_shard, name
 
 
-H100_1GPU = "llama31_8b_640k_1gpu on an H100, `--max_length 327680`"
+H100_1GPU = "llama31_8b_640k_1gpu on an H100, `--max_length 524288`"
 ESTIMATE_INPUTS = {  # README memory row -> (recipe, estimate preset, tokens per sequence, ranks sharing it (sp x tp),
     # mode, ulysses, the GPU it must fit with the estimate's reserve: for the one-GPU recipe, whose lengths were chosen
     # so, and the 70B one, whose layout was)
@@ -165,7 +165,7 @@ ESTIMATE_INPUTS = {  # README memory row -> (recipe, estimate preset, tokens per
     "qwen25_7b_256k_usp": ("qwen25_7b_256k_usp", "qwen2.5-7b", 262144, 8, "usp", 4, None),
     "mistral_7b_64k_sliding": ("mistral_7b_64k_sliding", "mistral-7b", 65536, 4, "ulysses", 4, None),
     "llama31_8b_640k_1gpu": ("llama31_8b_640k_1gpu", "llama3-8b", 655360, 1, "ring", 1, "h200"),
-    H100_1GPU: ("llama31_8b_640k_1gpu", "llama3-8b", 327680, 1, "ring", 1, "h100"),
+    H100_1GPU: ("llama31_8b_640k_1gpu", "llama3-8b", 524288, 1, "ring", 1, "h100"),
 }
 MODELS = {name: preset for name, preset, *_ in ESTIMATE_INPUTS.values()}  # recipe -> its model's estimate preset
 

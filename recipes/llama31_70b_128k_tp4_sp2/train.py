@@ -13,11 +13,10 @@ knows nothing about hf_seqpar:
         recipes/llama31_70b_128k_tp4_sp2/train.py --dataset long_documents.jsonl --output_dir out/llama31-70b-128k
 
 Host memory: like any plain script, each of the 8 processes loads the whole bf16 model (141 GB) into host memory;
-hf_seqpar splits it at the end of `Trainer.__init__`, after which a process keeps its TP rank's piece (38 GB: a
-quarter of the block linears, embeddings, norms and lm_head whole). Until then the node holds up to 8 copies, about
-1.13 TB of host RAM (a DGX H100 has 2 TB; a node with less needs swap, or loading that does not copy). Not yet run
-on GPUs: `Trainer.__init__` moves the model to its GPU before the split, which for 141 GB of weights fails on an 80
-GB GPU until hf_seqpar splits before that move.
+hf_seqpar splits it at the end of `Trainer.__init__` (the Trainer's move to the GPU waits for the split), after which
+a process keeps its TP rank's piece (38 GB: a quarter of the block linears, embeddings, norms and lm_head whole).
+Until then the node holds up to 8 copies, about 1.13 TB of host RAM (a DGX H100 has 2 TB; a node with less needs
+swap, or loading that does not copy).
 
 --tiny swaps in a 2-layer Llama (Llama-3.1's rope scaling; 8 query / 4 KV heads, so TP 2 x Ulysses 2 divides them),
 a word-level tokenizer and generated passkey documents, all built in code, and CPU settings; try it on 4 CPU processes

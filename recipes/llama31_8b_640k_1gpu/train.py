@@ -1,4 +1,4 @@
-"""Long-context LoRA for Llama-3.1-8B at 655,360 tokens on ONE GPU (an H200; 327,680 on an H100), a plain Trainer.
+"""Long-context LoRA for Llama-3.1-8B at 655,360 tokens on ONE GPU (an H200; 524,288 on an H100), a plain Trainer.
 
 No sequence parallelism: one GPU holds the whole sequence, and the memory savings of the accelerate config's
 `hf_seqpar:` section (chunked loss, tiled MLP, layer checkpoints offloaded to host memory, recomputed RMSNorms and
@@ -9,7 +9,7 @@ linear layer, bf16 weights, gradient checkpointing. The script knows nothing abo
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True hf-seqpar launch \
         --config_file recipes/llama31_8b_640k_1gpu/accelerate_config.yaml recipes/llama31_8b_640k_1gpu/train.py \
-        --dataset long_documents.jsonl --output_dir out/llama31-8b-640k      # H100: add --max_length 327680
+        --dataset long_documents.jsonl --output_dir out/llama31-8b-640k      # H100: add --max_length 524288
 
 --tiny swaps in a 2-layer Llama (the same RoPE stretch), a word-level tokenizer and generated passkey documents,
 all built in code, and CPU settings; try it on 1 CPU process:
@@ -94,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--dataset", help="a .jsonl / .json / .parquet file or a Hub dataset name")
     parser.add_argument("--split", default="train")
     parser.add_argument("--text_field", default="text")
-    parser.add_argument("--max_length", type=int, default=655360, help="tokens per row (H100: 327680)")
+    parser.add_argument("--max_length", type=int, default=655360, help="tokens per row (H100: 524288)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_steps", type=int, default=100)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
