@@ -426,3 +426,40 @@ def test_trainer_places_a_model_only_once_it_is_split():
     model.__dict__[TP_ATTR] = object()  # attach split it
     move_split_model(trainer)
     assert trainer.moves == ["cuda:3"]
+
+
+def _body_refused_lora_bias():
+    from peft import LoraConfig, get_peft_model
+
+    cfg, groups = _setup("ring", 2, 1)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["o_proj"], lora_bias=True))
+    try:
+        hf_seqpar.apply_sequence_parallel(model, config=cfg, groups=groups)
+    except NotImplementedError as err:
+        return str(err)
+    return None
+
+
+def test_row_parallel_lora_bias_is_refused(ranks):
+    """A replicated LoRA bias on a row-parallel layer would be added once per TP rank (found in review)."""
+    for message in ranks.run(_body_refused_lora_bias):
+        assert message and message.startswith("hf_seqpar:") and "lora_bias" in message, message
+
+
+def _body_piece_save_refused(tmp):
+    cfg, groups = _setup("ring", 2, 1)
+    model = _lora(tiny_model("llama"))
+    hf_seqpar.apply_sequence_parallel(model, config=cfg, groups=groups)
+    refused = []
+    for owner in (model, model.get_base_model()):
+        try:
+            owner.save_pretrained(tmp)
+        except NotImplementedError as err:
+            refused.append(str(err).startswith("hf_seqpar:"))
+    return refused
+
+
+def test_save_pretrained_of_pieces_is_refused(ranks, tmp_path):
+    """model.save_pretrained() would write this rank's pieces under whole names (found in review): refused."""
+    for refused in ranks.run(_body_piece_save_refused, str(tmp_path)):
+        assert refused == [True, True]

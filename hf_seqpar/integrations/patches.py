@@ -134,6 +134,14 @@ PATCHES: dict[str, Patch] = {
         INSTANCE, _ACCELERATOR, "gather_for_metrics", ("input_data", "use_gather_object"),
         _I + "evaluation:dp_gather_for_metrics", _ATTACH + " (DPO / KTO); Accelerator.prepare of a loop",
     ),
+    "PreTrainedModel.save_pretrained (TP)": Patch(
+        INSTANCE, _MODEL, "save_pretrained", ("save_directory", "state_dict"), _I + "tp_weights:whole_saves_only",
+        "apply_sequence_parallel with tp_size > 1 (a save of this rank's pieces is refused)",
+    ),
+    "PeftModel.save_pretrained (TP)": Patch(
+        INSTANCE, "peft.peft_model:PeftModel", "save_pretrained", ("save_directory",),
+        _I + "tp_weights:whole_saves_only", "apply_sequence_parallel with tp_size > 1 on a PeftModel",
+    ),
     "Accelerator.clip_grad_norm_": Patch(
         INSTANCE, _ACCELERATOR, "clip_grad_norm_", ("parameters", "max_norm", "norm_type"),
         _I + "tp_training:_whole_norm", "Accelerator.prepare of a model split by tp_size > 1 (a Trainer's too)",

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from ..algorithms._compat import all_gather_flat, reduce_scatter_flat
 from ..mesh import SeqParGroups
-from .tp_weights import TensorParallelState, keep_out_of_ddp, load_piece_hook
+from .patches import patch_instance
+from .tp_weights import TensorParallelState, keep_out_of_ddp, load_piece_hook, whole_saves_only
 
 logger = logging.getLogger("hf_seqpar")
 TP_ATTR = "_hf_seqpar_tp"  # on the base model: its TensorParallelState
@@ -210,6 +211,16 @@ def _shard_linear(path: str, module: torch.nn.Module, style: str, state: TensorP
     rank, size = state.groups.tp_rank, state.size
     dim = SHARD_DIM[style]
     linear = module.base_layer if hasattr(module, "base_layer") else module
+    if hasattr(linear.weight, "quant_state") or type(linear).__name__.endswith(("4bit", "8bitLt")):
+        raise NotImplementedError(
+            f"hf_seqpar: {path} is a quantized {type(linear).__name__} (QLoRA / bitsandbytes), whose packed weights "
+            "tp_size > 1 cannot split; load the model in bf16, or use tp_size=1"
+        )
+    if style == "rowwise" and any(f.bias is not None for f in getattr(module, "lora_B", {}).values()):
+        raise NotImplementedError(
+            f"hf_seqpar: {path} has a LoRA bias (lora_bias=True) on a row-parallel layer, which every TP rank would "
+            "add once; use lora_bias=False or tp_size=1"
+        )
     split = {}
     _split(linear.weight, dim, rank, size, path)
     prefix = f"{path}.base_layer" if linear is not module else path
@@ -316,6 +327,9 @@ def apply_tensor_parallel(model: torch.nn.Module, base: torch.nn.Module, groups:
     for owner in owners.values():
         state.hooks.append(owner.register_load_state_dict_pre_hook(load_piece_hook(state)))
     keep_out_of_ddp(model, base, state)
+    for owner in {id(model): model, id(base): base}.values():
+        row = "PeftModel.save_pretrained (TP)" if owner is not base else "PreTrainedModel.save_pretrained (TP)"
+        patch_instance(owner, {row: [whole_saves_only]})
     base.__dict__[TP_ATTR] = state
     logger.info("hf_seqpar: %s split over tp_size=%d (%d linears)", name, groups.tp_size, len(linears))
 

@@ -44,6 +44,11 @@ def after_prepare(accelerator, prepared) -> None:
         state = tp_state_of(obj)
         if state is None:
             continue
+        if accelerator.mixed_precision == "fp16":
+            raise NotImplementedError(
+                "hf_seqpar: fp16 mixed precision skips a step on the ranks whose own gradients overflowed, and "
+                "tensor-parallel ranks hold different gradient shards; use bf16 or tp_size=1"
+            )
         if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
             reduce_shard_grads(obj, state, dist.get_world_size())
         elif dist.get_world_size() > 1 and any(p.requires_grad for p in obj.parameters()):
@@ -144,6 +149,16 @@ def trainer_chains(trainer) -> dict:
         raise NotImplementedError(
             "hf_seqpar: tp_size > 1 trains with DistributedDataParallel; FSDP / DeepSpeed with tensor parallelism "
             "are not supported yet: use tp_size=1 (sequence parallelism composes with both)"
+        )
+    if trainer.args.fp16:
+        raise NotImplementedError(
+            "hf_seqpar: fp16=True skips a step on the ranks whose own gradients overflowed, and tensor-parallel ranks "
+            "hold different gradient shards, so they could skip different steps; use bf16=True or tp_size=1"
+        )
+    if getattr(trainer.args, "neftune_noise_alpha", None):
+        raise NotImplementedError(
+            f"hf_seqpar: neftune_noise_alpha={trainer.args.neftune_noise_alpha} scales embedding noise by the length "
+            "it sees, one tensor-parallel piece here, and TP ranks share one generator; set it to None or tp_size=1"
         )
     return {
         "Trainer.save_model": [functools.partial(_whole_weights, trainer, state)],

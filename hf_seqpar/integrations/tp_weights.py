@@ -137,3 +137,19 @@ def load_piece_hook(state: TensorParallelState):
             state_dict[prefix + key] = incoming.chunk(state.size, dim)[state.groups.tp_rank].clone()
 
     return cut
+
+
+def whole_saves_only(save_pretrained):
+    """`save_pretrained` of a TP-split model: without a `state_dict` it would write this rank's pieces under the
+    whole tensors' names (the other ranks' pieces lost), so it is refused; the Trainer's save passes the whole one."""
+
+    def save_pretrained_tp(save_directory, *args, **kwargs):
+        if kwargs.get("state_dict") is None:
+            raise NotImplementedError(
+                "hf_seqpar: this model is split by tp_size > 1, and save_pretrained would write this rank's pieces "
+                "only; save with trainer.save_model(...), or pass state_dict=hf_seqpar.integrations.tp_weights."
+                "full_state_dict(model, state, trainable_only=...) (collective: every rank calls it)"
+            )
+        return save_pretrained(save_directory, *args, **kwargs)
+
+    return save_pretrained_tp
