@@ -19,7 +19,7 @@ from .. import layout
 from ..config import SeqParConfig
 from ..kernels import DocumentOffsets
 from ..mesh import SeqParGroups
-from .tensor_parallel import tp_piece
+from .tp_collectives import tp_piece
 
 IGNORE_INDEX = -100
 # Describe the FULL sequence, so a model would misread them next to sharded tensors; `seqpar_cu_seqlens` replaces

@@ -30,7 +30,7 @@ from ..mesh import SeqParGroups
 from .collator import IGNORE_INDEX, UNSHARDED_KEY, UnshardedRows
 from .loss import token_weighted_mean
 from .patches import set_attr, world_size
-from .tensor_parallel import gather_tp_pieces, tp_piece
+from .tp_collectives import gather_tp_pieces, tp_piece
 from .transformers import DOCS_KEY
 
 PROBE_POSITIONS = 32  # positions the per-token check of preprocess_logits_for_metrics re-runs on

@@ -25,11 +25,10 @@ import fnmatch
 import logging
 
 import torch
-import torch.distributed as dist
 
-from ..algorithms._compat import all_gather_flat, reduce_scatter_flat
 from ..mesh import SeqParGroups
 from .patches import patch_instance
+from .tp_collectives import all_gather_along, all_reduce_copy, reduce_scatter_along, tp_piece
 from .tp_weights import TensorParallelState, keep_out_of_ddp, load_piece_hook, whole_saves_only
 
 logger = logging.getLogger("hf_seqpar")
@@ -49,30 +48,6 @@ OWN_PLAN = {
 _DROPOUT_FIELDS = ("hidden_dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "embedding_dropout")
 
 
-def _leading(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x.movedim(dim, 0).contiguous()
-
-
-def _all_gather(x: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
-    local = _leading(x, dim)
-    out = local.new_empty((size * local.shape[0], *local.shape[1:]))
-    all_gather_flat(out, local, group)
-    return out.movedim(0, dim)
-
-
-def _reduce_scatter(x: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
-    full = _leading(x, dim)
-    out = full.new_empty((full.shape[0] // size, *full.shape[1:]))
-    reduce_scatter_flat(out, full, group)
-    return out.movedim(0, dim)
-
-
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
-    return out
-
-
 class _GatherSequence(torch.autograd.Function):
     """Forward: the TP pieces of the sequence -> the whole SP shard. Backward: reduce-scatter (every TP rank's
     block used the whole shard; each piece's gradient is the sum of their contributions)."""
@@ -80,11 +55,11 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, size, dim):
         ctx.args = group, size, dim
-        return _all_gather(x, group, size, dim)
+        return all_gather_along(x, group, size, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, *ctx.args), None, None, None
+        return reduce_scatter_along(grad, *ctx.args), None, None, None
 
 
 class _ReduceScatterSequence(torch.autograd.Function):
@@ -93,11 +68,11 @@ class _ReduceScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, size, dim):
         ctx.args = group, size, dim
-        return _reduce_scatter(x, group, size, dim)
+        return reduce_scatter_along(x, group, size, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
+        return all_gather_along(grad, *ctx.args), None, None, None
 
 
 class _EnterReplicated(torch.autograd.Function):
@@ -110,7 +85,7 @@ class _EnterReplicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce_copy(grad, ctx.group), None
 
 
 class _LeaveReplicated(torch.autograd.Function):
@@ -118,7 +93,7 @@ class _LeaveReplicated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return all_reduce_copy(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -332,18 +307,6 @@ def apply_tensor_parallel(model: torch.nn.Module, base: torch.nn.Module, groups:
         patch_instance(owner, {row: [whole_saves_only]})
     base.__dict__[TP_ATTR] = state
     logger.info("hf_seqpar: %s split over tp_size=%d (%d linears)", name, groups.tp_size, len(linears))
-
-
-def tp_piece(x: torch.Tensor, groups: SeqParGroups, dim: int = 1) -> torch.Tensor:
-    """This TP rank's contiguous piece of an SP shard along `dim` (the tokens whose loss it computes)."""
-    length = x.shape[dim] // groups.tp_size
-    # a copy, not a view: a view would keep the whole shard's storage alive (the embedding output, for backward)
-    return x.narrow(dim, groups.tp_rank * length, length).clone(memory_format=torch.contiguous_format)
-
-
-def gather_tp_pieces(piece: torch.Tensor, groups: SeqParGroups, dim: int = 1) -> torch.Tensor:
-    """The TP pieces of an SP shard -> the shard, on every TP rank (no gradient: eval outputs)."""
-    return _all_gather(piece.detach(), groups.tp_group, groups.tp_size, dim)
 
 
 def tp_state(base: torch.nn.Module) -> TensorParallelState | None:

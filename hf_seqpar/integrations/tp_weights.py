@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import SeqParGroups
+from .tp_collectives import all_reduce_copy, gather_tp_pieces
 
 
 class TensorParallelState:
@@ -61,9 +62,7 @@ def reduce_shard_grads(ddp: torch.nn.Module, state: TensorParallelState, world: 
     group = state.groups.shard_grad_group
 
     def reduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=group)
-        return grad / world
+        return all_reduce_copy(grad, group) / world
 
     for param in state.params.values():
         if param.requires_grad:
@@ -112,9 +111,7 @@ def full_state_dict(model: torch.nn.Module, state: TensorParallelState, trainabl
             continue
         dim = state.dims.get(id(tensor))
         if dim is not None:
-            pieces = [torch.empty_like(tensor.detach()) for _ in range(state.size)]
-            dist.all_gather(pieces, tensor.detach().contiguous(), group=state.groups.tp_group)
-            tensor = torch.cat(pieces, dim)
+            tensor = gather_tp_pieces(tensor, state.groups, dim)
         out[name] = tensor.detach()
     return out
 
